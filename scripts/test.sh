@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command from README.md: every unit, integration and end-to-end
-# test of the workspace (the bundled wasm plugins are built on the way).
+# test of the workspace (the bundled wasm plugins are built on the way), then
+# the bundled plugins' own unit tests, run natively.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rustup target add wasm32-wasip2 >/dev/null
+rustup target add wasm32-wasip2 >/dev/null 2>&1
 cargo test --workspace "$@"
+cargo test --manifest-path plugins/Cargo.toml --target-dir target/plugins-native --workspace "$@"

@@ -1,0 +1,23 @@
+//! Generated bindings of the `selma:plugin@0.1.0` `image-filter` world.
+//!
+//! One crate per world because every world exports the `plugin` interface and
+//! wit-bindgen names its public export macro after the interface: two worlds
+//! in one crate would define the same `#[macro_export]` macro twice. Imports
+//! come from `selma-plugin-bindings-imports` (`with`), so types are shared.
+//! Plugin authors use `selma-plugin-sdk`'s `export!`, never this crate.
+#![allow(missing_docs, clippy::all)]
+
+wit_bindgen::generate!({
+    path: "../../../wit",
+    world: "selma:plugin/image-filter-plugin@0.1.0",
+    with: {
+        "selma:plugin/types@0.1.0": selma_plugin_bindings_imports::selma::plugin::types,
+        "selma:plugin/log@0.1.0": selma_plugin_bindings_imports::selma::plugin::log,
+        "selma:plugin/image@0.1.0": selma_plugin_bindings_imports::selma::plugin::image,
+    },
+    pub_export_macro: true,
+    export_macro_name: "export_image_filter",
+    default_bindings_module: "$crate",
+    additional_derives: [PartialEq],
+    type_section_suffix: "selma-plugin-bindings-image-filter",
+});
