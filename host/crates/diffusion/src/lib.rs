@@ -1,0 +1,15 @@
+//! selma-diffusion: Stable Diffusion 1.x / 2.x / XL on candle, with LoRA-aware,
+//! differentiable layers, our own CLIP tokenizer and text encoders, the UNet,
+//! the VAE, the schedulers and the sampling pipeline.
+
+pub mod clip;
+pub mod image_io;
+pub mod init;
+pub mod lora;
+pub mod nn;
+pub mod pipeline;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
