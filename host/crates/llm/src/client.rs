@@ -299,8 +299,8 @@ impl LlmClient {
 
 /// Whether ureq was built with a TLS provider. Without one ureq panics on
 /// an https URL, so such endpoints are refused up front. Set to `true` when
-/// the workspace enables `ureq/rustls`.
-const TLS_SUPPORTED: bool = false;
+/// the workspace enables `ureq/rustls` (it does).
+const TLS_SUPPORTED: bool = true;
 
 /// Turn `http://host:port[/prefix]` into the API base (no trailing slash).
 fn normalise_endpoint(endpoint: &str) -> Result<String> {
