@@ -5,18 +5,15 @@
 //! it, the same process must keep working, and the hostile instance must
 //! work again after re-instantiation.
 
+mod support;
+
+use support::{root, test_plugin};
+
 use selma_runtime::{ExpertLayer, MergedLayer, RgbImage, Runtime, RuntimeConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
 
 /// The real binary, with its component cache inside target/.
 fn selma() -> Command {
@@ -25,46 +22,6 @@ fn selma() -> Command {
     c
 }
 
-/// Build one test plugin crate (once per test process) and return its .wasm.
-fn test_plugin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
-    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    let target = root().join("target/wasm-test-plugins");
-    let wasm = target
-        .join("wasm32-wasip2/release")
-        .join(format!("{}.wasm", name.replace('-', "_")));
-    if !built.iter().any(|b| b == name) {
-        let manifest = root().join("tests/plugins").join(name).join("Cargo.toml");
-        let out = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target)
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_BUILD_TARGET")
-            .env_remove("CARGO_MAKEFLAGS")
-            .output()
-            .expect("running cargo");
-        assert!(
-            out.status.success(),
-            "building {} failed:\n{}",
-            manifest.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        built.push(name.to_string());
-    }
-    assert!(wasm.is_file(), "{} was not produced", wasm.display());
-    wasm
-}
 
 /// A runtime with small limits and its own cache folder.
 fn small_runtime(cache: &Path) -> Runtime {

@@ -1,0 +1,57 @@
+//! Command-line interface: argument parsing and dispatch to one module per
+//! subcommand. Each subcommand module owns its clap `Args` and a `run`.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod generate;
+mod merge;
+mod model;
+mod plugins;
+mod prompts;
+
+/// Teach a text-to-image diffusion model skills from its own auto-generated
+/// data (SELMA): generate prompts per skill, render them with the model,
+/// train one LoRA expert per skill, merge the experts.
+#[derive(Parser, Debug)]
+#[command(name = "selma", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List, inspect and scaffold plugins (skills, generators, filters, merges).
+    #[command(subcommand)]
+    Plugins(plugins::PluginsCommand),
+    /// Generate prompts for one skill: generator plugin + prompt filters.
+    Prompts(prompts::PromptsArgs),
+    /// Merge LoRA experts with a merge-strategy plugin.
+    Merge(merge::MergeArgs),
+    /// Render images from a diffusers model folder.
+    Generate(generate::GenerateArgs),
+    /// Create or inspect model folders.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+}
+
+/// Parse the command line, run it, and turn errors into a readable message
+/// and a non-zero exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plugins(c) => plugins::run(c),
+        Command::Prompts(a) => prompts::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Model(c) => model::run(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! The `selma` command: a thin shell over the `selma` library.
+fn main() -> std::process::ExitCode {
+    selma::cli::main()
+}
