@@ -22,7 +22,6 @@ fn selma() -> Command {
     c
 }
 
-
 /// A runtime with small limits and its own cache folder.
 fn small_runtime(cache: &Path) -> Runtime {
     Runtime::new(RuntimeConfig {
