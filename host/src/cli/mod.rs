@@ -9,6 +9,7 @@ mod merge;
 mod model;
 mod plugins;
 mod prompts;
+mod train;
 
 /// Teach a text-to-image diffusion model skills from its own auto-generated
 /// data (SELMA): generate prompts per skill, render them with the model,
@@ -29,6 +30,8 @@ enum Command {
     Prompts(prompts::PromptsArgs),
     /// Merge LoRA experts with a merge-strategy plugin.
     Merge(merge::MergeArgs),
+    /// Train a LoRA expert on an image-caption folder (SELMA's recipe by default).
+    Train(train::TrainArgs),
     /// Render images from a diffusers model folder.
     Generate(generate::GenerateArgs),
     /// Create or inspect model folders.
@@ -44,6 +47,7 @@ pub fn main() -> ExitCode {
         Command::Plugins(c) => plugins::run(c),
         Command::Prompts(a) => prompts::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Model(c) => model::run(c),
     };

@@ -1,0 +1,13 @@
+//! selma-train: training LoRA experts (SELMA's "learn one skill" stage) on
+//! selma-diffusion's UNet. AdamW with decoupled weight decay, gradient-norm
+//! clipping, diffusers' LR schedules and gradient accumulation ([`optim`]);
+//! image-caption datasets ([`dataset`]); a serialisable seeded RNG ([`rng`]);
+//! atomic, bit-exact resumable checkpoints ([`checkpoint`]); LoRA adapters
+//! as trainable variables ([`lora`]); and the training loop ([`trainer`]).
+
+pub mod checkpoint;
+pub mod dataset;
+pub mod lora;
+pub mod optim;
+pub mod rng;
+pub mod trainer;
