@@ -31,7 +31,7 @@ enum Command {
     /// Merge LoRA experts with a merge-strategy plugin.
     Merge(merge::MergeArgs),
     /// Train a LoRA expert on an image-caption folder (SELMA's recipe by default).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Render images from a diffusers model folder.
     Generate(generate::GenerateArgs),
     /// Create or inspect model folders.
@@ -47,7 +47,7 @@ pub fn main() -> ExitCode {
         Command::Plugins(c) => plugins::run(c),
         Command::Prompts(a) => prompts::run(a),
         Command::Merge(a) => merge::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Generate(a) => generate::run(a),
         Command::Model(c) => model::run(c),
     };
