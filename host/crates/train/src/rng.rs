@@ -4,6 +4,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Shape, Tensor};
+use selma_diffusion::scheduler::noise::{xoshiro_next, xoshiro_seed};
 use serde::{Deserialize, Serialize};
 
 /// The training RNG; `Clone` + serde so checkpoints capture it exactly.
@@ -15,39 +16,18 @@ pub struct TrainRng {
     pub spare: Option<f64>,
 }
 
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl TrainRng {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
-        let mut st = seed;
-        let s = [
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-        ];
-        Self { s, spare: None }
+        Self {
+            s: xoshiro_seed(seed),
+            spare: None,
+        }
     }
 
     /// The next raw 64-bit output.
     pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
+        xoshiro_next(&mut self.s)
     }
 
     /// Uniform in the open interval (0, 1).

@@ -12,6 +12,31 @@ pub struct GaussianRng {
     spare: Option<f64>,
 }
 
+/// The xoshiro256++ state for `seed`, expanded through SplitMix64 (shared by
+/// every seeded stream in selma so that equal seeds mean equal numbers).
+pub fn xoshiro_seed(seed: u64) -> [u64; 4] {
+    let mut st = seed;
+    [
+        splitmix64(&mut st),
+        splitmix64(&mut st),
+        splitmix64(&mut st),
+        splitmix64(&mut st),
+    ]
+}
+
+/// Advance a xoshiro256++ state and return its next 64-bit output.
+pub fn xoshiro_next(s: &mut [u64; 4]) -> u64 {
+    let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+    let t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = s[3].rotate_left(45);
+    result
+}
+
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
@@ -23,28 +48,15 @@ fn splitmix64(state: &mut u64) -> u64 {
 impl GaussianRng {
     /// A generator for `seed` (any u64; equal seeds give equal streams).
     pub fn new(seed: u64) -> Self {
-        let mut st = seed;
-        let s = [
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-            splitmix64(&mut st),
-        ];
-        Self { s, spare: None }
+        Self {
+            s: xoshiro_seed(seed),
+            spare: None,
+        }
     }
 
     /// The next raw 64-bit output (xoshiro256++).
     pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
+        xoshiro_next(&mut self.s)
     }
 
     /// A uniform draw in the open interval (0, 1).
