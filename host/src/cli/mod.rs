@@ -9,6 +9,9 @@ mod merge;
 mod model;
 mod plugins;
 mod prompts;
+mod run;
+mod shapeworld;
+mod status;
 mod train;
 
 /// Teach a text-to-image diffusion model skills from its own auto-generated
@@ -23,6 +26,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the whole SELMA pipeline from a pipeline.toml (resumable, shardable).
+    Run(Box<run::RunArgs>),
+    /// Show each stage's state and counts in a run directory.
+    Status(status::StatusArgs),
     /// List, inspect and scaffold plugins (skills, generators, filters, merges).
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
@@ -37,6 +44,9 @@ enum Command {
     /// Create or inspect model folders.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// ShapeWorld: a small procedural world for measuring SELMA on a CPU.
+    #[command(subcommand)]
+    Shapeworld(shapeworld::ShapeworldCommand),
 }
 
 /// Parse the command line, run it, and turn errors into a readable message
@@ -44,6 +54,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) => run::run(*a),
+        Command::Status(a) => status::run(a),
+        Command::Shapeworld(c) => shapeworld::run(c),
         Command::Plugins(c) => plugins::run(c),
         Command::Prompts(a) => prompts::run(a),
         Command::Merge(a) => merge::run(a),

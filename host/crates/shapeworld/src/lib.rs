@@ -1,0 +1,2 @@
+//! ShapeWorld: procedural scenes of coloured shapes with captions from a
+//! small grammar, written as an image folder with `metadata.jsonl`.
