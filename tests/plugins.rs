@@ -104,10 +104,10 @@ fn bundled_plugins_load_and_list_by_kind() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let list = list.as_array().expect("a JSON array");
     let count = |k: &str| list.iter().filter(|m| m["kind"] == k).count();
-    assert_eq!(count("skill"), 5, "{list:#?}");
+    assert_eq!(count("skill"), 9, "{list:#?}");
     assert_eq!(count("prompt-generator"), 2, "{list:#?}");
     assert_eq!(count("prompt-filter"), 3, "{list:#?}");
-    assert_eq!(count("image-filter"), 1, "{list:#?}");
+    assert_eq!(count("image-filter"), 2, "{list:#?}");
     assert_eq!(count("merge-strategy"), 6, "{list:#?}");
     for m in list {
         assert!(m["name"].as_str().is_some_and(|n| !n.is_empty()), "{m}");
