@@ -2,14 +2,17 @@
 //! own Stable Diffusion (SD 1.x / 2.x / XL), writing PNGs that carry the
 //! generation parameters in a `parameters` text chunk.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use selma_diffusion::image_io::{write_png, GenerationParams};
+use selma_diffusion::image_io::{GenerationParams, write_png};
 use selma_diffusion::pipeline::{
-    load_latents_file, parse_device, parse_dtype, GenerateRequest, InitNoise, StableDiffusion,
+    GenerateRequest, InitNoise, RgbImage, StableDiffusion, load_latents_file, parse_device,
+    parse_dtype,
 };
 use selma_diffusion::scheduler::{SamplerOptions, SchedulerKind};
+use selma_runtime::{Runtime, RuntimeConfig};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,6 +26,12 @@ use std::time::Instant;
 /// deterministic function of weights, prompt, latents, steps and guidance, as
 /// in diffusers.
 ///
+/// With --prompts FILE (one prompt per line) --out is a folder that receives
+/// NNNNN.png and metadata.jsonl (file_name, text, seed: the dataset layout
+/// the trainer and the image filters read); --verify PLUGIN then scores each
+/// image against its prompt with an image-filter plugin and prints the pass
+/// rate (e.g. --verify shapeworld-verifier).
+///
 /// Example: selma generate --model ./sd15 --prompt "a red cube" --seed 1 --out cube.png
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -30,8 +39,16 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// The prompt.
-    #[arg(long, short = 'p')]
-    pub prompt: String,
+    #[arg(long, short = 'p', required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// A file of prompts, one per line (blank lines and `#` lines skipped);
+    /// --out is then an output folder.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "latents"])]
+    pub prompts: Option<PathBuf>,
+    /// With --prompts: score every image with this image-filter plugin
+    /// (bundled name or .wasm path, default parameters) and print the pass rate.
+    #[arg(long, value_name = "PLUGIN", requires = "prompts")]
+    pub verify: Option<String>,
     /// Negative prompt (the unconditional branch of guidance).
     #[arg(long, default_value = "", value_name = "TEXT")]
     pub negative: String,
@@ -74,9 +91,27 @@ pub struct GenerateArgs {
     /// Precision of the UNet and text encoders: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
-    /// Output PNG path.
+    /// Output PNG path (with --prompts: output folder).
     #[arg(long, short = 'o', value_name = "OUT.png")]
     pub out: PathBuf,
+}
+
+/// Read a prompts file: one prompt per line, blank and `#` lines skipped.
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading prompts file {}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    ensure!(
+        !prompts.is_empty(),
+        "prompts file {} has no prompts (one per line)",
+        path.display()
+    );
+    Ok(prompts)
 }
 
 /// Parse `WxH`.
@@ -134,6 +169,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             parent.display()
         );
     }
+    let prompts = a.prompts.as_deref().map(read_prompts).transpose()?;
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype)?;
     let loras = a
@@ -185,6 +221,25 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             .map(|d| d.as_nanos() as u64 % 1_000_000_000)
             .unwrap_or(0),
     };
+    if let Some(prompts) = prompts {
+        let base = GenerateRequest {
+            prompt: String::new(),
+            negative: a.negative.clone(),
+            steps: a.steps,
+            guidance: a.guidance,
+            scheduler: a.scheduler,
+            sampler: SamplerOptions {
+                eta: a.eta,
+                karras: a.karras.then_some(true),
+            },
+            width,
+            height,
+            batch: a.batch,
+            init: InitNoise::Seed(seed),
+            noise_seed: seed,
+        };
+        return run_prompts(&a, &sd, &prompts, base, seed);
+    }
     let init = match latents {
         Some(t) => InitNoise::Latents(t),
         None => {
@@ -195,7 +250,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     };
     let req = GenerateRequest {
-        prompt: a.prompt.clone(),
+        prompt: a.prompt.clone().unwrap_or_default(),
         negative: a.negative.clone(),
         steps: a.steps,
         guidance: a.guidance,
@@ -227,39 +282,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     bar.finish_and_clear();
     let secs = t1.elapsed().as_secs_f64();
 
-    let model_name = a
-        .model
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
-        .unwrap_or_else(|| a.model.display().to_string());
+    let model_name = model_name(&a.model);
     for (i, img) in images.iter().enumerate() {
-        let mut extra = vec![];
-        if a.scheduler == SchedulerKind::Ddim && a.eta > 0.0 {
-            extra.push(("Eta".to_string(), a.eta.to_string()));
-        }
-        if let Some(p) = &a.latents {
-            extra.push(("Latents".to_string(), p.display().to_string()));
-        }
-        for (p, w) in &loras {
-            extra.push(("Lora".to_string(), format!("{}:{w}", p.display())));
-        }
-        extra.push(("Dtype".to_string(), a.dtype.clone()));
-        let params = GenerationParams {
-            prompt: a.prompt.clone(),
-            negative: a.negative.clone(),
-            steps: a.steps,
-            sampler: if a.karras {
-                format!("{} karras", a.scheduler)
-            } else {
-                a.scheduler.to_string()
-            },
-            guidance: a.guidance,
-            seed: a.latents.is_none().then_some(seed + i as u64),
-            size: (img.width, img.height),
-            model: model_name.clone(),
-            extra,
-        };
+        let params = png_params(
+            &a,
+            &req.prompt,
+            a.latents.is_none().then_some(seed + i as u64),
+            img,
+            &model_name,
+        );
         let path = out_path(&a.out, i, images.len());
         write_png(&path, img.width, img.height, &img.pixels, &params.to_text())?;
         println!("{}", path.display());
@@ -271,5 +302,188 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         secs,
         secs / a.steps as f64
     );
+    Ok(())
+}
+
+/// The folder name of the model, for the PNG parameters.
+fn model_name(model: &Path) -> String {
+    model
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        .unwrap_or_else(|| model.display().to_string())
+}
+
+/// The generation parameters stored in a PNG's `parameters` chunk.
+fn png_params(
+    a: &GenerateArgs,
+    prompt: &str,
+    seed: Option<u64>,
+    img: &RgbImage,
+    model: &str,
+) -> GenerationParams {
+    let mut extra = vec![];
+    if a.scheduler == SchedulerKind::Ddim && a.eta > 0.0 {
+        extra.push(("Eta".to_string(), a.eta.to_string()));
+    }
+    if let Some(p) = &a.latents {
+        extra.push(("Latents".to_string(), p.display().to_string()));
+    }
+    for s in &a.loras {
+        if let Ok((p, w)) = parse_lora(s) {
+            extra.push(("Lora".to_string(), format!("{}:{w}", p.display())));
+        }
+    }
+    extra.push(("Dtype".to_string(), a.dtype.clone()));
+    GenerationParams {
+        prompt: prompt.to_string(),
+        negative: a.negative.clone(),
+        steps: a.steps,
+        sampler: if a.karras {
+            format!("{} karras", a.scheduler)
+        } else {
+            a.scheduler.to_string()
+        },
+        guidance: a.guidance,
+        seed,
+        size: (img.width, img.height),
+        model: model.to_string(),
+        extra,
+    }
+}
+
+/// One line of the `--prompts` mode's metadata.jsonl.
+#[derive(Debug, Serialize)]
+struct MetaLine {
+    file_name: String,
+    text: String,
+    seed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keep: Option<bool>,
+}
+
+/// `--prompts` mode: prompt `i` uses seeds `seed + i * batch + k`; images
+/// `NNNNN.png` and `metadata.jsonl` go into the folder `a.out`.
+fn run_prompts(
+    a: &GenerateArgs,
+    sd: &StableDiffusion,
+    prompts: &[String],
+    base: GenerateRequest,
+    seed: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("creating output folder {}", a.out.display()))?;
+    let mut verifier = match &a.verify {
+        Some(spec) => {
+            let rt = Runtime::new(RuntimeConfig {
+                log_to_stderr: false,
+                ..RuntimeConfig::default()
+            })?;
+            let p = rt
+                .image_filter(spec)
+                .with_context(|| format!("loading the --verify plugin {spec:?}"))?;
+            let params = p.default_params();
+            Some((rt, p, params))
+        }
+        None => None,
+    };
+    let model = model_name(&a.model);
+    let bar = ProgressBar::new((prompts.len() * a.batch) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} image {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let t0 = Instant::now();
+    let mut lines = Vec::with_capacity(prompts.len() * a.batch);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let s0 = seed + (i * a.batch) as u64;
+        let req = GenerateRequest {
+            prompt: prompt.clone(),
+            init: InitNoise::Seed(s0),
+            noise_seed: s0,
+            ..base.clone()
+        };
+        let images = sd
+            .generate(&req, &mut |_, _| {})
+            .with_context(|| format!("generating {prompt:?}"))?;
+        for (k, img) in images.iter().enumerate() {
+            let n = i * a.batch + k;
+            let file_name = format!("{n:05}.png");
+            let s = s0 + k as u64;
+            let params = png_params(a, prompt, Some(s), img, &model);
+            write_png(
+                &a.out.join(&file_name),
+                img.width,
+                img.height,
+                &img.pixels,
+                &params.to_text(),
+            )?;
+            let (score, keep) = match &mut verifier {
+                Some((_, p, params)) => {
+                    let v = p.check(
+                        &selma_runtime::RgbImage {
+                            width: img.width as u32,
+                            height: img.height as u32,
+                            pixels: img.pixels.clone(),
+                            non_finite: 0.0,
+                        },
+                        prompt,
+                        params,
+                    )?;
+                    (Some(v.score), Some(v.keep))
+                }
+                None => (None, None),
+            };
+            lines.push(MetaLine {
+                file_name,
+                text: prompt.clone(),
+                seed: s,
+                score,
+                keep,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let mut text = String::new();
+    for l in &lines {
+        text.push_str(&serde_json::to_string(l)?);
+        text.push('\n');
+    }
+    let meta = a.out.join("metadata.jsonl");
+    let tmp = a
+        .out
+        .join(format!(".metadata.jsonl.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &meta).with_context(|| format!("writing {}", meta.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{} image(s) of {} prompt(s) in {:.1}s ({:.3}s/image) into {}",
+        lines.len(),
+        prompts.len(),
+        secs,
+        secs / lines.len() as f64,
+        a.out.display()
+    );
+    if let Some((_, p, _)) = &verifier {
+        let kept = lines.iter().filter(|l| l.keep == Some(true)).count();
+        let mean = lines
+            .iter()
+            .filter_map(|l| l.score)
+            .map(f64::from)
+            .sum::<f64>()
+            / lines.len() as f64;
+        println!(
+            "verified by {}: {kept}/{} passed ({:.3}), mean score {mean:.3}",
+            p.name(),
+            lines.len(),
+            kept as f64 / lines.len() as f64
+        );
+    }
     Ok(())
 }

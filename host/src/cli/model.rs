@@ -1,10 +1,14 @@
 //! `selma model`: create random model folders in the diffusers layout
-//! (`init`) and summarise existing ones (`info`).
+//! (`init`), summarise existing ones (`info`) and change the storage dtype
+//! of their weights (`convert`).
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use selma_diffusion::init::{init_model, Preset};
 use selma_diffusion::weights::{SafetensorsSource, TensorSource};
+use std::collections::HashMap;
+use std::path::Path;
 use std::path::PathBuf;
 
 /// Create or inspect model folders.
@@ -13,18 +17,38 @@ pub enum ModelCommand {
     /// Write a random model in the exact diffusers layout (configs included).
     ///
     /// `tiny`: a few-MB SD 1.x-style model with every block type (64x64 images,
-    /// fast on CPU) for tests and demos. `sd15-random`: the SD 1.5
-    /// architecture with random f16 weights (~2 GB) for GPU checks and timings.
+    /// fast on CPU) for tests and demos. `tiny-xl`: the same for SDXL.
+    /// `sd15-random`: the SD 1.5 architecture with random f16 weights (~2 GB)
+    /// for GPU checks and timings. `shapeworld`: the ShapeWorld base
+    /// architecture (32x32 images, pixel-unshuffle codec, 6.6M-parameter UNet,
+    /// 2-layer text encoder, every ShapeWorld word one token, v-prediction on
+    /// the cosine schedule), the starting point of `selma train --full`.
     /// The same preset and seed give the same bytes.
     Init(InitArgs),
     /// Print a model folder's pipeline class, parts and parameter counts.
     Info(InfoArgs),
+    /// Copy a model folder, storing every floating-point weight in another
+    /// dtype (e.g. f16 for a small shipped model; loading converts back).
+    Convert(ConvertArgs),
+}
+
+/// Arguments of `selma model convert`.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Diffusers model folder to read.
+    pub dir: PathBuf,
+    /// Folder to create (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Storage dtype of the weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
 }
 
 /// Arguments of `selma model init`.
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// tiny or sd15-random.
+    /// tiny, tiny-xl, sd15-random or shapeworld.
     #[arg(long, default_value = "tiny")]
     pub preset: Preset,
     /// Folder to create (must not exist, or be empty).
@@ -42,6 +66,15 @@ pub struct InfoArgs {
     pub dir: PathBuf,
 }
 
+/// The class of a weightless codec folder (its config names a class that has
+/// no weights, e.g. `PixelUnshuffle`).
+fn weightless_codec(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let class = selma_diffusion::codec::codec_class(&v);
+    (class == selma_diffusion::codec::PIXEL_UNSHUFFLE).then_some(class)
+}
+
 /// Run a `selma model` subcommand.
 pub fn run(c: ModelCommand) -> Result<()> {
     match c {
@@ -51,6 +84,13 @@ pub fn run(c: ModelCommand) -> Result<()> {
                 eprintln!("{part}: {n} parameters");
             }
             println!("{}", s.dir.display());
+            Ok(())
+        }
+        ModelCommand::Convert(a) => {
+            let dtype = selma_diffusion::pipeline::parse_dtype(&a.dtype)?;
+            let n = convert_model(&a.dir, &a.out, dtype)?;
+            eprintln!("{n} weight file(s) stored as {}", a.dtype);
+            println!("{}", a.out.display());
             Ok(())
         }
         ModelCommand::Info(a) => {
@@ -67,6 +107,10 @@ pub fn run(c: ModelCommand) -> Result<()> {
             for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
                 let d = a.dir.join(part);
                 if !d.is_dir() {
+                    continue;
+                }
+                if let Some(class) = weightless_codec(&d) {
+                    println!("{part}: {class} (no weights)");
                     continue;
                 }
                 let src = SafetensorsSource::from_dir(&d)?;
@@ -90,4 +134,87 @@ pub fn run(c: ModelCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Copy `src` to `out` (built in a sibling temp folder, then renamed),
+/// rewriting every `.safetensors` file with its float tensors in `dtype`;
+/// returns the number of weight files rewritten.
+fn convert_model(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
+    ensure!(
+        src.join("model_index.json").is_file(),
+        "{} is not a diffusers model folder (no model_index.json)",
+        src.display()
+    );
+    if out.exists() {
+        let empty = std::fs::read_dir(out)
+            .with_context(|| format!("{} exists and is not a folder", out.display()))?
+            .next()
+            .is_none();
+        ensure!(
+            empty,
+            "{} exists and is not empty; pick a new --out",
+            out.display()
+        );
+        std::fs::remove_dir(out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        out.file_name()
+            .context("--out has no folder name")?
+            .to_string_lossy(),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    let res = copy_converted(src, &tmp, dtype);
+    match res {
+        Ok(n) => {
+            std::fs::rename(&tmp, out)
+                .with_context(|| format!("moving {} to {}", tmp.display(), out.display()))?;
+            Ok(n)
+        }
+        Err(e) => {
+            std::fs::remove_dir_all(&tmp).ok();
+            Err(e)
+        }
+    }
+}
+
+fn copy_converted(src: &Path, dst: &Path, dtype: DType) -> Result<usize> {
+    std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+    let mut n = 0;
+    for entry in std::fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
+        let entry = entry?;
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        if from.is_dir() {
+            n += copy_converted(&from, &to, dtype)?;
+        } else if from.extension().is_some_and(|e| e == "safetensors") {
+            let tensors = candle_core::safetensors::load(&from, &Device::Cpu)
+                .with_context(|| format!("reading {}", from.display()))?;
+            let converted = tensors
+                .into_iter()
+                .map(|(k, t)| {
+                    let t = if t.dtype().is_float() {
+                        t.to_dtype(dtype)?
+                    } else {
+                        t
+                    };
+                    Ok((k, t))
+                })
+                .collect::<Result<HashMap<String, Tensor>>>()?;
+            candle_core::safetensors::save(&converted, &to)
+                .with_context(|| format!("writing {}", to.display()))?;
+            n += 1;
+        } else {
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(n)
 }

@@ -1,18 +1,20 @@
 //! Random model folders in the exact diffusers layout (`selma model init`):
 //! `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` (a
-//! small CLIP-style BPE vocabulary trained here on a built-in corpus) and
-//! `scheduler/`, every config included. The key / shape lists are derived from
+//! small CLIP-style BPE vocabulary trained here on a built-in corpus, or on
+//! the ShapeWorld words) and `scheduler/`, every config included (the
+//! shapeworld preset's `vae/` is the weightless pixel-unshuffle codec). The key / shape lists are derived from
 //! the configs independently of the loaders (tests compare them with the real
 //! checkpoint layouts), and the weights come from the seeded generator, one
 //! stream per tensor name, so the bytes depend only on preset and seed.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use safetensors::tensor::{Dtype, View};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use crate::codec::PIXEL_UNSHUFFLE;
 use crate::scheduler::GaussianRng;
 use crate::vae::VaeConfig;
 
@@ -28,6 +30,11 @@ pub enum Preset {
     /// The SD 1.5 architecture (UNet 860M, VAE 84M, CLIP-L) with random f16
     /// weights (~2.1 GB), for GPU checks and timings.
     Sd15Random,
+    /// The ShapeWorld base architecture (32x32 images): the pixel-unshuffle
+    /// codec (factor 2, no weights), a 6.6M-parameter UNet on 16x16x12
+    /// latents, a 2-layer width-64 CLIP text encoder, a tokenizer with every
+    /// ShapeWorld word as one token, v-prediction on the cosine schedule.
+    Shapeworld,
 }
 
 impl std::str::FromStr for Preset {
@@ -37,7 +44,8 @@ impl std::str::FromStr for Preset {
             "tiny" => Ok(Self::Tiny),
             "tiny-xl" => Ok(Self::TinyXl),
             "sd15-random" => Ok(Self::Sd15Random),
-            o => bail!("unknown preset {o:?}: use tiny, tiny-xl or sd15-random"),
+            "shapeworld" => Ok(Self::Shapeworld),
+            o => bail!("unknown preset {o:?}: use tiny, tiny-xl, sd15-random or shapeworld"),
         }
     }
 }
@@ -402,9 +410,48 @@ const CORPUS: &str = "a photo of a red cube on a blue table next to a green sphe
 /// `(vocab.json, merges.txt)` of a small CLIP-style BPE tokenizer trained on a
 /// built-in corpus: 512 byte symbols, `n_merges` merges, then the two specials.
 pub fn tiny_tokenizer(n_merges: usize) -> (String, String) {
+    train_bpe(CORPUS.split_whitespace(), n_merges)
+}
+
+/// The ShapeWorld caption vocabulary (SHAPEWORLD-SPEC.md): 21 words.
+pub const SHAPEWORLD_WORDS: [&str; 21] = [
+    "a",
+    "one",
+    "two",
+    "three",
+    "four",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "circles",
+    "square",
+    "squares",
+    "triangle",
+    "triangles",
+    "and",
+    "left",
+    "right",
+    "of",
+    "above",
+    "below",
+];
+
+/// `(vocab.json, merges.txt)` of a CLIP-style BPE tokenizer in which every
+/// ShapeWorld word is one token (merges run until each word is one symbol);
+/// any other text still encodes, byte by byte.
+pub fn shapeworld_tokenizer() -> (String, String) {
+    train_bpe(SHAPEWORLD_WORDS.iter().copied(), usize::MAX)
+}
+
+/// Train byte-level BPE with CLIP's `</w>` end-of-word marking on `words`
+/// (most frequent pair first, ties by pair order): at most `n_merges` merges,
+/// fewer when every word is already one symbol.
+fn train_bpe<'a>(words_in: impl Iterator<Item = &'a str>, n_merges: usize) -> (String, String) {
     let b2u = bytes_to_unicode();
     let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
-    for w in CORPUS.split_whitespace() {
+    for w in words_in {
         let mut syms: Vec<String> = w.bytes().map(|b| b2u[b as usize].to_string()).collect();
         if let Some(last) = syms.last_mut() {
             last.push_str("</w>");
@@ -412,7 +459,7 @@ pub fn tiny_tokenizer(n_merges: usize) -> (String, String) {
         *words.entry(syms).or_default() += 1;
     }
     let mut merges: Vec<(String, String)> = vec![];
-    for _ in 0..n_merges {
+    while merges.len() < n_merges {
         let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
         for (syms, &c) in &words {
             for p in syms.windows(2) {
@@ -447,7 +494,14 @@ pub fn tiny_tokenizer(n_merges: usize) -> (String, String) {
     }
     let mut vocab: Vec<String> = b2u.iter().map(|c| c.to_string()).collect();
     vocab.extend(b2u.iter().map(|c| format!("{c}</w>")));
-    vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    // two merges can spell the same token: keep ids contiguous
+    let mut seen: std::collections::HashSet<String> = vocab.iter().cloned().collect();
+    for (a, b) in &merges {
+        let t = format!("{a}{b}");
+        if seen.insert(t.clone()) {
+            vocab.push(t);
+        }
+    }
     vocab.push("<|startoftext|>".into());
     vocab.push("<|endoftext|>".into());
     let map: serde_json::Map<String, Value> = vocab
@@ -635,6 +689,71 @@ pub fn tiny_xl_unet_config() -> Value {
     })
 }
 
+/// Tokens per ShapeWorld prompt (bos + up to 12 words + eos, padded).
+pub const SHAPEWORLD_MAX_TOKENS: usize = 16;
+
+/// The `unet/config.json` of the shapeworld preset: channels (64, 128, 128),
+/// one layer per block, attention at 8x8, 4x4 and mid, 4 heads, 8 groups,
+/// cross-attention dim 64, 16x16x12 latents.
+pub fn shapeworld_unet_config() -> Value {
+    json!({
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.30.0",
+        "act_fn": "silu",
+        "attention_head_dim": 4,
+        "block_out_channels": [64, 128, 128],
+        "center_input_sample": false,
+        "cross_attention_dim": 64,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 12,
+        "layers_per_block": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 8,
+        "out_channels": 12,
+        "sample_size": 16,
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": true
+    })
+}
+
+/// The `vae/config.json` of the shapeworld preset: the weightless
+/// pixel-unshuffle codec, factor 2 (32x32x3 <-> 16x16x12), scaling 1.
+pub fn shapeworld_codec_config() -> Value {
+    json!({
+        "_class_name": PIXEL_UNSHUFFLE,
+        "factor": 2,
+        "in_channels": 3,
+        "latent_channels": 12,
+        "sample_size": 32,
+        "scaling_factor": 1.0
+    })
+}
+
+/// The shapeworld scheduler: v-prediction on the cosine
+/// (`squaredcos_cap_v2`) schedule, 1000 steps, DDIM (diffusers' defaults:
+/// x0 clipped to [-1, 1], which is exactly the pixel range of this codec).
+pub fn shapeworld_scheduler_config() -> Value {
+    json!({
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.30.0",
+        "beta_end": 0.02,
+        "beta_schedule": "squaredcos_cap_v2",
+        "beta_start": 0.0001,
+        "clip_sample": true,
+        "clip_sample_range": 1.0,
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
+        "set_alpha_to_one": true,
+        "steps_offset": 0,
+        "timestep_spacing": "leading",
+        "trained_betas": null
+    })
+}
+
 fn clip_config(hidden: usize, ff: usize, layers: usize, heads: usize, vocab: usize) -> Value {
     json!({
         "architectures": ["CLIPTextModel"],
@@ -737,10 +856,25 @@ fn write_model(preset: Preset, dir: &Path, seed: u64) -> Result<Vec<(String, usi
         std::fs::create_dir_all(dir.join(sub))
             .with_context(|| format!("creating {}", dir.join(sub).display()))?;
     }
-    let (vocab, merges) = tiny_tokenizer(300);
+    let sw = preset == Preset::Shapeworld;
+    let (vocab, merges) = if sw {
+        shapeworld_tokenizer()
+    } else {
+        tiny_tokenizer(300)
+    };
     let vocab_size = serde_json::from_str::<serde_json::Map<String, Value>>(&vocab)?.len();
     let xl = preset == Preset::TinyXl;
     let (unet_cfg, mut vae_cfg, clip_cfg, half) = match preset {
+        Preset::Shapeworld => {
+            let mut clip = clip_config(64, 128, 2, 4, vocab_size);
+            clip["max_position_embeddings"] = json!(SHAPEWORLD_MAX_TOKENS);
+            (
+                shapeworld_unet_config(),
+                shapeworld_codec_config(),
+                clip,
+                false,
+            )
+        }
         Preset::Tiny => (
             tiny_unet_config(),
             tiny_vae_config(),
@@ -774,8 +908,12 @@ fn write_model(preset: Preset, dir: &Path, seed: u64) -> Result<Vec<(String, usi
     let mut clip_cfg = clip_cfg;
     clip_cfg["bos_token_id"] = json!(vocab_size - 2);
     clip_cfg["eos_token_id"] = json!(vocab_size - 1);
-    let vae_parsed = VaeConfig::from_json(&vae_cfg.to_string()).context("preset VAE config")?;
-    let model_index = if xl {
+    let vae_parsed = if sw {
+        None
+    } else {
+        Some(VaeConfig::from_json(&vae_cfg.to_string()).context("preset VAE config")?)
+    };
+    let mut model_index = if xl {
         json!({
             "_class_name": "StableDiffusionXLPipeline",
             "_diffusers_version": "0.30.0",
@@ -802,10 +940,17 @@ fn write_model(preset: Preset, dir: &Path, seed: u64) -> Result<Vec<(String, usi
             "vae": ["diffusers", "AutoencoderKL"]
         })
     };
+    if sw {
+        model_index["vae"] = json!(["selma", PIXEL_UNSHUFFLE]);
+    }
     write_json(&dir.join("model_index.json"), &model_index)?;
     write_json(
         &dir.join("scheduler/scheduler_config.json"),
-        &sd15_scheduler_config(),
+        &if sw {
+            shapeworld_scheduler_config()
+        } else {
+            sd15_scheduler_config()
+        },
     )?;
     write_json(&dir.join("unet/config.json"), &unet_cfg)?;
     write_json(&dir.join("vae/config.json"), &vae_cfg)?;
@@ -829,42 +974,42 @@ fn write_model(preset: Preset, dir: &Path, seed: u64) -> Result<Vec<(String, usi
         write_json(&d.join("special_tokens_map.json"), &specials)?;
         let mut tok_cfg = specials.clone();
         tok_cfg["tokenizer_class"] = json!("CLIPTokenizer");
-        tok_cfg["model_max_length"] = json!(77);
+        tok_cfg["model_max_length"] = json!(if sw { SHAPEWORLD_MAX_TOKENS } else { 77 });
         tok_cfg["do_lower_case"] = json!(true);
         write_json(&d.join("tokenizer_config.json"), &tok_cfg)?;
     }
     let unet = unet_param_shapes(&unet_cfg)?;
-    let vae = vae_param_shapes(&vae_parsed);
     let clip = clip_param_shapes(&clip_cfg, CLIP_PREFIX, false)?;
-    let mut counts = vec![
-        (
-            "unet".to_string(),
-            write_weights(
-                &dir.join("unet/diffusion_pytorch_model.safetensors"),
-                &unet,
-                seed,
-                half,
-            )?,
-        ),
-        (
+    let mut counts = vec![(
+        "unet".to_string(),
+        write_weights(
+            &dir.join("unet/diffusion_pytorch_model.safetensors"),
+            &unet,
+            seed,
+            half,
+        )?,
+    )];
+    // the pixel-unshuffle codec has no weights
+    if let Some(vae_parsed) = &vae_parsed {
+        counts.push((
             "vae".to_string(),
             write_weights(
                 &dir.join("vae/diffusion_pytorch_model.safetensors"),
-                &vae,
+                &vae_param_shapes(vae_parsed),
                 seed.wrapping_add(1),
                 half,
             )?,
-        ),
-        (
-            "text_encoder".to_string(),
-            write_weights(
-                &dir.join("text_encoder/model.safetensors"),
-                &clip,
-                seed.wrapping_add(2),
-                half,
-            )?,
-        ),
-    ];
+        ));
+    }
+    counts.push((
+        "text_encoder".to_string(),
+        write_weights(
+            &dir.join("text_encoder/model.safetensors"),
+            &clip,
+            seed.wrapping_add(2),
+            half,
+        )?,
+    ));
     if xl {
         // OpenCLIP-bigG style: erf GELU, projection of the pooled embedding.
         let mut cfg2 = clip_cfg.clone();

@@ -1,8 +1,9 @@
 //! selma-diffusion: Stable Diffusion 1.x / 2.x / XL on candle, with LoRA-aware,
 //! differentiable layers, our own CLIP tokenizer and text encoders, the UNet,
-//! the VAE, the schedulers and the sampling pipeline.
+//! the latent codecs (VAE or pixel-unshuffle), the schedulers and the sampling pipeline.
 
 pub mod clip;
+pub mod codec;
 pub mod image_io;
 pub mod init;
 pub mod lora;

@@ -5,17 +5,18 @@
 //! guidance with negative prompts, SDXL micro-conditioning, seeded or
 //! file-supplied initial noise, any of our schedulers, VAE decoding.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, HiddenLayer};
+use crate::codec::{Vae, codec_class};
 use crate::nn::merge_all_adapters;
 use crate::scheduler::{self, BatchNoise, SamplerOptions, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{SdxlAdded, UNet2DConditionModel, UNetConfig};
-use crate::vae::{to_rgb8, AutoencoderKL, VaeConfig};
+use crate::vae::to_rgb8;
 use crate::weights::Vb;
 
 /// The model family, from `model_index.json` and the configs.
@@ -70,8 +71,8 @@ pub struct StableDiffusion {
     pub family: Family,
     /// The denoiser.
     pub unet: UNet2DConditionModel,
-    /// The autoencoder.
-    pub vae: AutoencoderKL,
+    /// The latent codec (`AutoencoderKL` or pixel-unshuffle).
+    pub vae: Vae,
     /// Text encoder 1.
     pub text_encoder: ClipTextModel,
     /// SDXL's second text encoder (with projection).
@@ -158,11 +159,31 @@ pub fn load_latents_file(path: &Path) -> Result<Tensor> {
     })?;
     ensure!(
         t.rank() == 4,
-        "{}: \"latents\" must be [1, 4, h/8, w/8], got {:?}",
+        "{}: \"latents\" must be [1, C, h/f, w/f] (4 channels and f = 8 for SD), got {:?}",
         path.display(),
         t.dims()
     );
     Ok(t.to_dtype(DType::F32)?)
+}
+
+/// `model_index.json`'s `"vae": [library, class]` must agree with
+/// `vae/config.json`'s `_class_name` when both name a class.
+fn check_codec_entry(dir: &Path, index: &Value, vae_dir: &Path) -> Result<()> {
+    let declared = index
+        .get("vae")
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.get(1))
+        .and_then(|c| c.as_str());
+    let cfg = read_json(&vae_dir.join("config.json"))?;
+    let actual = codec_class(&cfg);
+    if let Some(d) = declared {
+        ensure!(
+            d == actual,
+            "{}/model_index.json names the vae {d:?} but vae/config.json declares {actual:?}; make them agree",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn model_index_class(dir: &Path) -> Result<(String, Value)> {
@@ -208,18 +229,16 @@ impl StableDiffusion {
             .with_context(|| format!("loading {}", unet_dir.display()))?;
 
         let vae_dir = sub("vae")?;
-        let vae_cfg = VaeConfig::from_file(&vae_dir.join("config.json"))?;
-        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae_vb = Vb::from_dir(&vae_dir, vae_dtype, device)?;
-        let vae = AutoencoderKL::load(&vae_vb, &vae_cfg)
-            .with_context(|| format!("building the VAE from {}", vae_dir.display()))?;
-        vae_vb
-            .check_fully_used()
-            .with_context(|| format!("loading {}", vae_dir.display()))?;
+        check_codec_entry(dir, &index, &vae_dir)?;
+        let vae = Vae::load_dir(&vae_dir, dtype, device)?;
+        ensure!(
+            vae.latent_channels() == unet_cfg.in_channels,
+            "{}: the {} codec makes {} latent channels but unet/config.json has in_channels {}",
+            dir.display(),
+            vae.class_name(),
+            vae.latent_channels(),
+            unet_cfg.in_channels
+        );
 
         let load_te = |name: &str| -> Result<ClipTextModel> {
             let d = sub(name)?;
@@ -284,7 +303,7 @@ impl StableDiffusion {
 
     /// Spatial factor between pixels and latents.
     pub fn vae_scale(&self) -> usize {
-        self.vae.config().downscale()
+        self.vae.downscale()
     }
 
     /// Attach a LoRA file as runtime adapters (each layer keeps its own
@@ -398,7 +417,7 @@ impl StableDiffusion {
             .collect())
     }
 
-    /// The denoised latents `[B, 4, h/8, w/8]` (f32) before VAE decoding.
+    /// The denoised latents `[B, C, h/f, w/f]` (f32) before decoding by the codec.
     pub fn sample_latents(
         &self,
         req: &GenerateRequest,

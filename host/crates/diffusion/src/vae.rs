@@ -6,12 +6,12 @@
 //! both attention key styles load (`to_q`/`to_out.0` and the legacy
 //! `query`/`proj_attn`, linear or 1x1-conv shaped).
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use std::path::Path;
 
-use crate::nn::{attention, silu, Conv2d, GroupNorm, Linear};
+use crate::nn::{Conv2d, GroupNorm, Linear, attention, silu};
 use crate::scheduler::GaussianRng;
 use crate::weights::Vb;
 
@@ -480,6 +480,8 @@ pub struct DiagonalGaussian {
     pub mean: Tensor,
     /// Log-variance, clamped to [-30, 20] as diffusers does.
     pub logvar: Tensor,
+    /// A point mass at `mean` (a lossless codec): `std` is exactly 0.
+    pub deterministic: bool,
 }
 
 impl DiagonalGaussian {
@@ -489,16 +491,34 @@ impl DiagonalGaussian {
         Ok(Self {
             mean: moments.narrow(1, 0, c)?,
             logvar: moments.narrow(1, c, c)?.clamp(-30f32, 20f32)?,
+            deterministic: false,
         })
     }
 
-    /// Standard deviation `exp(logvar / 2)`.
+    /// A point mass at `mean`, as diffusers' `deterministic=True` posterior:
+    /// `std` and `sample` add nothing (log-variance reads the -30 floor).
+    pub fn deterministic(mean: Tensor) -> Result<Self> {
+        let logvar = (mean.zeros_like()? - 30.0)?;
+        Ok(Self {
+            mean,
+            logvar,
+            deterministic: true,
+        })
+    }
+
+    /// Standard deviation `exp(logvar / 2)` (exactly 0 when deterministic).
     pub fn std(&self) -> Result<Tensor> {
+        if self.deterministic {
+            return Ok(self.mean.zeros_like()?);
+        }
         Ok((&self.logvar * 0.5)?.exp()?)
     }
 
     /// `mean + std * z` with `z` from the seeded generator.
     pub fn sample(&self, rng: &mut GaussianRng) -> Result<Tensor> {
+        if self.deterministic {
+            return Ok(self.mean.clone());
+        }
         let z = rng.randn(
             self.mean.shape().clone(),
             self.mean.device(),
