@@ -6,6 +6,10 @@
 //!
 //! cargo bench -p selma-train --bench train_step -- [--preset tiny|sd15-random]
 //!   [--model DIR (written with --preset if absent)] [--res 128] [--rank 4] [--iters 5] [--mode both|fast|slow]
+//!   [--threads N (gemm threads, default: all CPUs)] [--elementwise-threads N (candle's barrier pool, default 1)]
+//! Prints wall and process CPU seconds per step (CPU time is steadier on a
+//! shared, loaded machine). scripts/bench/compare_train_step.sh runs this
+//! and the PyTorch reference (scripts/bench/torch_train_step.py) interleaved.
 //! `--conv-micro` times only the conv input-gradient kernels (see below).
 //! Peak RSS (VmHWM) is printed at the end: run `--mode fast` and `--mode slow`
 //! separately to compare peak memory.
@@ -33,6 +37,22 @@ fn peak_rss_mib() -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// User + system CPU seconds of this process (all threads), from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -75,6 +95,12 @@ fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--conv-micro") {
         return conv_backward_micro();
     }
+    let threads: Option<usize> = arg("--threads").map(|s| s.parse()).transpose()?;
+    let ew: usize = arg("--elementwise-threads")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1);
+    let threads = selma_diffusion::nn::ops::configure_cpu_threads(threads, Some(ew));
     let preset: Preset = arg("--preset").unwrap_or("tiny".into()).parse()?;
     let res: usize = arg("--res").map(|s| s.parse()).transpose()?.unwrap_or(128);
     let rank: usize = arg("--rank").map(|s| s.parse()).transpose()?.unwrap_or(4);
@@ -118,8 +144,10 @@ fn main() -> Result<()> {
     let sched = sd.scheduler_config.noise_schedule();
     let pred = sd.scheduler_config.prediction_type;
     let fwd_times = std::cell::RefCell::new(vec![]);
+    let cpu_times = std::cell::RefCell::new(vec![]);
     let step = |fast: bool| -> Result<f64> {
         set_frozen_fast_path(fast);
+        let c0 = cpu_seconds();
         let t0 = Instant::now();
         let loss: Tensor = diffusion_loss(
             &sd.unet,
@@ -142,12 +170,21 @@ fn main() -> Result<()> {
             .filter(|v| grads.get(v.as_tensor()).is_some())
             .count();
         anyhow::ensure!(n == lora.vars().len(), "missing LoRA gradients");
-        Ok(t0.elapsed().as_secs_f64())
+        let wall = t0.elapsed().as_secs_f64();
+        drop(grads);
+        cpu_times.borrow_mut().push((fast, cpu_seconds() - c0));
+        println!(
+            "step_s {wall:.4} cpu_s {:.2} fast {fast}",
+            cpu_seconds() - c0
+        );
+        Ok(wall)
     };
     println!(
-        "model {} | {res}x{res} px, batch 1, rank {rank}, {} LoRA layers, f32 CPU, {iters} iters",
+        "model {} | {res}x{res} px, batch 1, rank {rank}, {} LoRA layers, f32 CPU, {iters} iters, \
+         {threads} gemm threads, CANDLE_NUM_THREADS={}",
         model.display(),
-        lora.layers.len()
+        lora.layers.len(),
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_default()
     );
     let modes: Vec<bool> = match mode.as_str() {
         "fast" => vec![true],
@@ -186,6 +223,18 @@ fn main() -> Result<()> {
             "  forward part ({}): median {:.4} s (the rest is backward)",
             if m { "fast" } else { "plain" },
             median(f)
+        );
+        let c: Vec<f64> = cpu_times
+            .borrow()
+            .iter()
+            .filter(|(x, _)| *x == m)
+            .skip(1) // warm-up
+            .map(|(_, t)| *t)
+            .collect();
+        println!(
+            "  process CPU time per step ({}): median {:.2} s",
+            if m { "fast" } else { "plain" },
+            median(c)
         );
     }
     if modes.len() == 2 {

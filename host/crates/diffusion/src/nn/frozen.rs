@@ -8,10 +8,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use super::conv_gemm::conv2d_gemm;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -102,12 +102,8 @@ impl CustomOp2 for FrozenProduct {
         let g = match self.kind {
             Kind::Linear => grad_res.matmul(&w)?,
             Kind::Conv2d { padding, stride } => {
-                // As candle's own Conv2D backward for the input.
-                let grad_h = grad_res.dim(2)?;
-                let k_h = w.dim(2)?;
-                let out_size = (grad_h - 1) * stride + (k_h - 1) + 1 - 2 * padding;
-                let out_padding = arg1.dim(2)? - out_size;
-                grad_res.conv_transpose2d(&w, padding, out_padding, stride, 1)?
+                conv2d_input_grad(grad_res, &w, arg1.dims4()?, padding, stride)
+                    .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?
             }
         };
         Ok((Some(g), None))
@@ -128,38 +124,524 @@ pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.apply_op2(&y, op)?)
 }
 
-/// True when `conv_transpose2d` with one output padding (< stride) maps the
-/// conv output's gradient back to exactly `x`'s height and width.
-fn single_out_padding(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<bool> {
-    let (_, _, h, wd) = x.dims4()?;
-    let (_, _, kh, kw) = w.dims4()?;
-    if kh != kw || h + 2 * padding < kh || wd + 2 * padding < kw {
-        return Ok(false);
+/// `x [n, in] · wᵀ + b` with a frozen `w` `[out, in]` and bias `b` `[out]`:
+/// the bias is added off-graph too, so the backward neither computes nor
+/// stores a gradient for it (candle's `broadcast_add` of a constant still
+/// materialises an `[n, out]` gradient for the broadcast bias). Falls back to
+/// [`frozen_matmul_t`] + `broadcast_add` when `b` tracks gradients.
+pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let b_frozen = b.is_none_or(|b| !b.track_op());
+    if !wanted(x, w) || !b_frozen {
+        let y = frozen_matmul_t(x, w)?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
     }
-    let oh = (h + 2 * padding - kh) / stride + 1;
-    let ow = (wd + 2 * padding - kw) / stride + 1;
-    let back_h = (oh - 1) * stride + kh;
-    let back_w = (ow - 1) * stride + kw;
-    if back_h < 2 * padding || back_w < 2 * padding {
-        return Ok(false);
+    let mut y = x.detach().matmul(&w.t()?)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
     }
-    let (ph, pw) = (h + 2 * padding - back_h, wd + 2 * padding - back_w);
-    Ok(ph == pw && ph < stride)
+    let op = FrozenProduct {
+        weight: w.clone(),
+        kind: Kind::Linear,
+    };
+    Ok(x.apply_op2(&y.contiguous()?, op)?)
 }
 
-/// `conv2d(x, w; padding, stride)` (groups 1, dilation 1, `w` in `x`'s dtype);
-/// no gradient for `w` when `w` is frozen.
-/// Falls back to the plain (differentiable) op when the input gradient needs
-/// different output paddings along H and W (odd/even sizes with stride 2),
-/// which one `conv_transpose2d` cannot express.
-pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    if !wanted(x, w) || !single_out_padding(x, w, padding, stride)? {
-        return conv2d_gemm(x, w, padding, stride);
+/// [`frozen_conv2d`] plus a frozen bias `b` `[out]` added off-graph (see
+/// [`frozen_linear`]).
+pub fn frozen_conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let b_frozen = b.is_none_or(|b| !b.track_op());
+    if !wanted(x, w) || !b_frozen {
+        let y = frozen_conv2d(x, w, padding, stride)?;
+        return Ok(match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+            None => y,
+        });
     }
-    let y = conv2d_gemm(&x.detach(), w, padding, stride)?.contiguous()?;
+    let mut y = frozen_conv_forward(&x.detach(), w, padding, stride)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
+    }
     let op = FrozenProduct {
         weight: w.clone(),
         kind: Kind::Conv2d { padding, stride },
     };
     Ok(x.apply_op2(&y, op)?)
+}
+
+/// Input gradient of `y = conv2d(x, w; padding, stride)` for `x` of shape
+/// `x_dims`, given `dL/dy` `[B, O, oh, ow]`: one GEMM `wᵀ · g` over the
+/// weight viewed as `[O, C*kh*kw]` (read in place, nothing copied), then a
+/// col2im that adds every kernel tap's rows back at its input pixels. On the
+/// CPU this replaces candle's direct-loop `conv_transpose2d`, which was ~45%
+/// of a LoRA training step; other devices keep `conv_transpose2d`.
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    w: &Tensor,
+    x_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (b, c, h, wd) = x_dims;
+    let (gb, o, oh, ow) = grad.dims4()?;
+    let (wo, wc, kh, kw) = w.dims4()?;
+    ensure!(
+        gb == b && wo == o && wc == c,
+        "conv input gradient: grad {:?}, weight {:?}, input {x_dims:?}",
+        grad.dims(),
+        w.dims()
+    );
+    if !grad.device().is_cpu() {
+        return transpose_conv_input_grad(grad, w, x_dims, padding, stride);
+    }
+    let w = if w.is_contiguous() {
+        w.clone()
+    } else {
+        w.contiguous()?
+    };
+    let wm = w.reshape((o, c * kh * kw))?;
+    let gm = grad
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((o, b * oh * ow))?;
+    let col = wm.t()?.matmul(&gm)?;
+    if kh == 1 && kw == 1 && padding == 0 && stride == 1 {
+        return Ok(col.reshape((c, b, h, wd))?.transpose(0, 1)?.contiguous()?);
+    }
+    let geom = Col2Im {
+        b,
+        c,
+        h,
+        w: wd,
+        kh,
+        kw,
+        oh,
+        ow,
+        padding,
+        stride,
+    };
+    Ok(col.apply_op1_no_bwd(&geom)?)
+}
+
+/// The device-generic fallback: candle's `conv_transpose2d` (needs one output
+/// padding for both axes).
+fn transpose_conv_input_grad(
+    grad: &Tensor,
+    w: &Tensor,
+    x_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, _, oh, ow) = grad.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let (_, _, h, wd) = x_dims;
+    let back_h = (oh - 1) * stride + kh;
+    let back_w = (ow - 1) * stride + kw;
+    ensure!(
+        kh == kw && h + 2 * padding >= back_h && wd + 2 * padding >= back_w,
+        "conv input gradient: kernel {kh}x{kw} on {h}x{wd} not supported off the CPU"
+    );
+    let (ph, pw) = (h + 2 * padding - back_h, wd + 2 * padding - back_w);
+    ensure!(
+        ph == pw,
+        "conv input gradient: {h}x{wd} input with stride {stride} needs two output paddings"
+    );
+    Ok(grad.conv_transpose2d(w, padding, ph, stride, 1)?)
+}
+
+/// col2im: `[C*kh*kw, B*oh*ow]` (rows in the weight's `(c, i, j)` order) ->
+/// `[B, C, H, W]`, each entry added at input pixel `(o*stride + i - padding)`.
+#[derive(Debug, Clone, Copy)]
+struct Col2Im {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl Col2Im {
+    fn run<T: WithDType>(&self, col: &[T]) -> Vec<T> {
+        let Col2Im {
+            b,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            oh,
+            ow,
+            padding,
+            stride,
+        } = *self;
+        let n = b * oh * ow;
+        let mut out = vec![T::zero(); b * c * h * w];
+        // Output columns `ox` whose input column `ox*stride + j - padding` is in range.
+        let range = |k: usize, len: usize, olen: usize| -> (usize, usize) {
+            let lo = padding.saturating_sub(k).div_ceil(stride);
+            let hi = ((len + padding).saturating_sub(k))
+                .div_ceil(stride)
+                .min(olen);
+            (lo, hi.max(lo))
+        };
+        for ci in 0..c {
+            for i in 0..kh {
+                let (y0, y1) = range(i, h, oh);
+                for j in 0..kw {
+                    let (x0, x1) = range(j, w, ow);
+                    let row = &col[((ci * kh + i) * kw + j) * n..][..n];
+                    for bi in 0..b {
+                        let dst = &mut out[(bi * c + ci) * h * w..][..h * w];
+                        let src = &row[bi * oh * ow..][..oh * ow];
+                        for oy in y0..y1 {
+                            let y = oy * stride + i - padding;
+                            let d = &mut dst[y * w..][..w];
+                            let s = &src[oy * ow..][..ow];
+                            if stride == 1 {
+                                let x_start = x0 + j - padding;
+                                for (dv, sv) in
+                                    d[x_start..x_start + (x1 - x0)].iter_mut().zip(&s[x0..x1])
+                                {
+                                    *dv += *sv;
+                                }
+                            } else {
+                                for ox in x0..x1 {
+                                    d[ox * stride + j - padding] += s[ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let rows = self.c * self.kh * self.kw;
+        let n = self.b * self.oh * self.ow;
+        let (a, e) = match l.contiguous_offsets() {
+            Some(o) if l.shape().dims() == [rows, n] => o,
+            _ => candle_core::bail!("col2im: expected a contiguous [{rows}, {n}] matrix"),
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..e])),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..e])),
+            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[a..e])),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[a..e])),
+            _ => candle_core::bail!("col2im: unsupported dtype (f32/f64/f16/bf16 only)"),
+        };
+        Ok((out, Shape::from((self.b, self.c, self.h, self.w))))
+    }
+}
+
+/// The off-graph forward of [`frozen_conv2d`]: on the CPU one im2col pass
+/// (instead of `conv2d_gemm`'s per-tap copies and concatenation) and one
+/// GEMM; `conv2d_gemm` elsewhere. Returns a contiguous `[B, O, oh, ow]`.
+fn frozen_conv_forward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, wc, kh, kw) = w.dims4()?;
+    let pointwise = kh == 1 && kw == 1 && padding == 0 && stride == 1;
+    if !x.device().is_cpu() || pointwise || wc != c || h + 2 * padding < kh || wd + 2 * padding < kw
+    {
+        return Ok(conv2d_gemm(x, w, padding, stride)?.contiguous()?);
+    }
+    let (oh, ow) = (
+        (h + 2 * padding - kh) / stride + 1,
+        (wd + 2 * padding - kw) / stride + 1,
+    );
+    let geom = Col2Im {
+        b,
+        c,
+        h,
+        w: wd,
+        kh,
+        kw,
+        oh,
+        ow,
+        padding,
+        stride,
+    };
+    let col = x.contiguous()?.apply_op1_no_bwd(&Im2Col(geom))?;
+    let w = if w.is_contiguous() {
+        w.clone()
+    } else {
+        w.contiguous()?
+    };
+    let y = w.reshape((o, c * kh * kw))?.matmul(&col)?;
+    let y = y.reshape((o, b, oh, ow))?.transpose(0, 1)?;
+    Ok(if b == 1 {
+        y.reshape((1, o, oh, ow))?
+    } else {
+        y.contiguous()?
+    })
+}
+
+/// im2col, the transpose of [`Col2Im`]: `[B, C, H, W]` -> `[C*kh*kw, B*oh*ow]`
+/// (zero where a tap falls into the padding).
+struct Im2Col(Col2Im);
+
+impl Im2Col {
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let Col2Im {
+            b,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            oh,
+            ow,
+            padding,
+            stride,
+        } = self.0;
+        let n = b * oh * ow;
+        let mut col = vec![T::zero(); c * kh * kw * n];
+        let range = |k: usize, len: usize, olen: usize| -> (usize, usize) {
+            let lo = padding.saturating_sub(k).div_ceil(stride);
+            let hi = ((len + padding).saturating_sub(k))
+                .div_ceil(stride)
+                .min(olen);
+            (lo, hi.max(lo))
+        };
+        for ci in 0..c {
+            for i in 0..kh {
+                let (y0, y1) = range(i, h, oh);
+                for j in 0..kw {
+                    let (x0, x1) = range(j, w, ow);
+                    let row = &mut col[((ci * kh + i) * kw + j) * n..][..n];
+                    for bi in 0..b {
+                        let src = &x[(bi * c + ci) * h * w..][..h * w];
+                        let dst = &mut row[bi * oh * ow..][..oh * ow];
+                        for oy in y0..y1 {
+                            let yy = oy * stride + i - padding;
+                            let s = &src[yy * w..][..w];
+                            let d = &mut dst[oy * ow..][..ow];
+                            if stride == 1 {
+                                let xs = x0 + j - padding;
+                                d[x0..x1].copy_from_slice(&s[xs..xs + (x1 - x0)]);
+                            } else {
+                                for ox in x0..x1 {
+                                    d[ox] = s[ox * stride + j - padding];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        col
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (a, e) = match l.contiguous_offsets() {
+            Some(o) if l.shape().dims() == [g.b, g.c, g.h, g.w] => o,
+            _ => candle_core::bail!(
+                "im2col: expected a contiguous {:?} input",
+                (g.b, g.c, g.h, g.w)
+            ),
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..e])),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..e])),
+            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[a..e])),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[a..e])),
+            _ => candle_core::bail!("im2col: unsupported dtype (f32/f64/f16/bf16 only)"),
+        };
+        let shape = Shape::from((g.c * g.kh * g.kw, g.b * g.oh * g.ow));
+        Ok((out, shape))
+    }
+}
+
+/// `conv2d(x, w; padding, stride)` (groups 1, dilation 1, `w` in `x`'s dtype);
+/// no gradient for `w` when `w` is frozen.
+pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if !wanted(x, w) {
+        return conv2d_gemm(x, w, padding, stride);
+    }
+    let y = frozen_conv_forward(&x.detach(), w, padding, stride)?;
+    let op = FrozenProduct {
+        weight: w.clone(),
+        kind: Kind::Conv2d { padding, stride },
+    };
+    Ok(x.apply_op2(&y, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn seq(shape: &[usize], seed: u32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f64 / 500.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The GEMM + col2im input gradient equals central differences of
+    /// candle's conv2d (exact: the loss is linear in x), for odd, even and
+    /// rectangular sizes, strides 1-3, paddings 0-2, kernels 1-3, and is what
+    /// the frozen op's backward returns (with no weight gradient); the frozen
+    /// op's im2col forward equals candle's conv2d.
+    #[test]
+    fn conv_input_grad_matches_finite_differences() {
+        for &(b, c, h, wd, o, k, pad, stride) in &[
+            (2, 3, 5, 5, 4, 3, 1, 1),
+            (1, 2, 6, 6, 3, 3, 1, 2),
+            (2, 2, 7, 6, 3, 3, 1, 2),
+            (1, 3, 7, 7, 2, 3, 0, 2),
+            (1, 2, 5, 8, 3, 3, 2, 1),
+            (2, 3, 6, 5, 4, 1, 0, 1),
+            (1, 2, 7, 7, 3, 1, 0, 2),
+            (1, 2, 9, 8, 2, 2, 1, 3),
+        ] {
+            let x0 = seq(&[b, c, h, wd], 1);
+            let w = seq(&[o, c, k, k], 2);
+            let y = x0.conv2d(&w, pad, stride, 1, 1).unwrap();
+            let g = seq(y.dims(), 3);
+            let got = conv2d_input_grad(&g, &w, (b, c, h, wd), pad, stride).unwrap();
+            assert_eq!(got.dims(), x0.dims());
+            // Finite differences of sum(g ⊙ conv(x)): linear in x, so exact up to rounding.
+            let base = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let gv = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let loss = |v: Vec<f64>| -> f64 {
+                let t = Tensor::from_vec(v, (b, c, h, wd), &Device::Cpu).unwrap();
+                (t.conv2d(&w, pad, stride, 1, 1).unwrap() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            for i in 0..base.len() {
+                let (mut p, mut m) = (base.clone(), base.clone());
+                p[i] += 0.5;
+                m[i] -= 0.5;
+                let fd = loss(p) - loss(m);
+                let case = (b, c, h, wd, o, k, pad, stride);
+                assert!(
+                    (fd - gv[i]).abs() < 1e-9,
+                    "{case:?} x[{i}]: {} vs {fd}",
+                    gv[i]
+                );
+            }
+            // And through the frozen op's backward.
+            let x = Var::from_tensor(&x0).unwrap();
+            let yf = frozen_conv2d(x.as_tensor(), &w, pad, stride).unwrap();
+            // The im2col forward equals candle's conv2d.
+            let e = (&yf - &y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(e < 1e-12, "forward {e}");
+            let gs = (yf * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let d = (gs.get(x.as_tensor()).unwrap() - &got)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-12);
+            assert!(gs.get(&w).is_none());
+        }
+        // f32 runs the same kernel.
+        let g32 = conv2d_input_grad(
+            &seq(&[1, 3, 3, 3], 5).to_dtype(DType::F32).unwrap(),
+            &seq(&[3, 2, 3, 3], 6).to_dtype(DType::F32).unwrap(),
+            (1, 2, 6, 6),
+            1,
+            2,
+        )
+        .unwrap();
+        assert_eq!(g32.dims(), &[1, 2, 6, 6]);
+    }
+
+    /// The bias-folding variants give the plain ops' values and input
+    /// gradients, and no gradient for the frozen weight or bias.
+    #[test]
+    fn bias_folding_matches_plain_ops() {
+        let maxd = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let x = Var::from_tensor(&seq(&[5, 4], 11)).unwrap();
+        let (w, b) = (seq(&[3, 4], 12), seq(&[3], 13));
+        let c = seq(&[5, 3], 14);
+        let y = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let y_ref = x
+            .as_tensor()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(maxd(&y, &y_ref) < 1e-14);
+        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(maxd(g.get(x.as_tensor()).unwrap(), &c.matmul(&w).unwrap()) < 1e-14);
+        assert!(g.get(&w).is_none() && g.get(&b).is_none());
+
+        let x = Var::from_tensor(&seq(&[2, 3, 7, 7], 15)).unwrap();
+        let (w, b) = (seq(&[4, 3, 3, 3], 16), seq(&[4], 17));
+        let y = frozen_conv2d_bias(x.as_tensor(), &w, Some(&b), 1, 2).unwrap();
+        let y_ref = x
+            .as_tensor()
+            .conv2d(&w, 1, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+            .unwrap();
+        assert!(maxd(&y, &y_ref) < 1e-12);
+        let c = seq(y.dims(), 18);
+        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap();
+        assert!(maxd(gx, g_ref.get(x.as_tensor()).unwrap()) < 1e-12);
+        assert!(g.get(&w).is_none() && g.get(&b).is_none());
+    }
 }

@@ -264,7 +264,7 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = blocks::norm_silu(&self.conv_norm_out, &xs)?;
         self.conv_out.forward(&xs)
     }
 
