@@ -1,21 +1,26 @@
 //! `selma train`: train one LoRA expert on an image-caption folder (SELMA's
-//! per-skill expert training) with selma-train; flags or a TOML file, the
-//! defaults being the paper's recipe; progress bar with loss, step/s and ETA.
+//! per-skill expert training) with selma-train, or with `--full` every UNet
+//! (and text-encoder) weight into a new diffusers model folder; flags or a
+//! TOML file, the defaults being the paper's recipe; progress bar with loss,
+//! step/s and ETA.
 
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use selma_train::dataset::Crop;
 use selma_train::trainer::{TrainConfig, Trainer};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
-/// Train a LoRA expert on a dataset folder.
+/// Train a LoRA expert (or, with --full, a whole model) on a dataset folder.
 ///
 /// The dataset is a folder with metadata.jsonl (`file_name`, `text`) or images
 /// with same-named .txt captions. Defaults follow SELMA: rank 128, alpha 128,
 /// targets to_q,to_k,to_v,to_out.0, AdamW lr 3e-4 constant, batch 16 x 4,
 /// 5000 steps, grad-norm clip 1. Checkpoints go to OUT.run/checkpoint-N/
 /// (atomic); --resume continues exactly. A loss log is kept in OUT.run/loss.jsonl.
+/// With --full, OUT is a diffusers model folder (loadable by `selma generate`)
+/// holding the trained UNet and text encoder (EMA weights with --ema-decay).
 ///
 /// Example: selma train --model ./sd14 --data ./skills/counting --out counting.safetensors
 #[derive(Args, Debug)]
@@ -107,6 +112,24 @@ pub struct TrainArgs {
     /// UNet/text-encoder precision: f32, f16 or bf16 (LoRA and AdamW state stay f32).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Train every UNet weight instead of a LoRA; --out is then a model folder.
+    #[arg(long)]
+    pub full: bool,
+    /// With --full: train the text encoder too (the default with --full).
+    #[arg(long, conflicts_with = "no_train_text_encoder")]
+    pub train_text_encoder: bool,
+    /// With --full: keep the text encoder frozen (its embeddings are cached).
+    #[arg(long)]
+    pub no_train_text_encoder: bool,
+    /// Probability of training on the empty caption, for guidance (e.g. 0.1) [default: 0].
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
+    /// EMA decay of the trained weights, used for the output (e.g. 0.995; 0 = off) [default: 0].
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// Constant EMA decay from the first update (no (1+s)/(10+s) warm-up).
+    #[arg(long)]
+    pub no_ema_warmup: bool,
 }
 
 /// Settings from `--config` (if any) overridden by the flags given.
@@ -165,6 +188,24 @@ pub fn config_from_args(a: &TrainArgs) -> Result<TrainConfig> {
     if a.skip_bad {
         c.skip_bad = true;
     }
+    if a.full {
+        c.full = true;
+    }
+    if a.train_text_encoder {
+        c.train_text_encoder = Some(true);
+    }
+    if a.no_train_text_encoder {
+        c.train_text_encoder = Some(false);
+    }
+    if let Some(p) = a.caption_dropout {
+        c.caption_dropout = p;
+    }
+    if let Some(d) = a.ema_decay {
+        c.ema_decay = d;
+    }
+    if a.no_ema_warmup {
+        c.ema_warmup = false;
+    }
     anyhow::ensure!(
         !c.model.as_os_str().is_empty(),
         "no model: pass --model DIR (or `model` in --config)"
@@ -184,14 +225,25 @@ pub fn run(a: TrainArgs) -> Result<()> {
         t.resume(r)
             .with_context(|| format!("resuming from {}", r.display()))?;
     }
-    eprintln!(
-        "training {} LoRA layers (rank {}, alpha {}) on {} images; run folder {}",
-        t.lora.layers.len(),
-        cfg.rank,
-        cfg.alpha,
-        t.dataset.len(),
-        cfg.run_dir().display()
-    );
+    if cfg.full {
+        let n: usize = t.opt.params.iter().map(|p| p.elem_count()).sum();
+        let parts: Vec<&str> = t.full.iter().map(|p| p.component.as_str()).collect();
+        eprintln!(
+            "training all weights of {} ({n} parameters) on {} images; run folder {}",
+            parts.join(" + "),
+            t.dataset.len(),
+            cfg.run_dir().display()
+        );
+    } else {
+        eprintln!(
+            "training {} LoRA layers (rank {}, alpha {}) on {} images; run folder {}",
+            t.lora.layers.len(),
+            cfg.rank,
+            cfg.alpha,
+            t.dataset.len(),
+            cfg.run_dir().display()
+        );
+    }
     let bar = ProgressBar::new(cfg.steps);
     bar.set_style(
         ProgressStyle::with_template(
@@ -202,16 +254,43 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     bar.set_position(t.state.step);
     bar.reset_eta();
+    // Without a terminal (logs, CI) the bar is hidden: print plain progress lines instead.
+    let plain = !std::io::stderr().is_terminal();
+    let every = (cfg.steps / 20).max(1);
+    let start = std::time::Instant::now();
+    let first = t.state.step;
     t.run(|s| {
         bar.set_position(s.step);
         bar.set_message(format!("loss {:.4} lr {:.2e}", s.loss, s.lr));
+        if plain && (s.step % every == 0 || s.step == cfg.steps) {
+            let secs = start.elapsed().as_secs_f64();
+            let rate = (s.step - first) as f64 / secs.max(1e-9);
+            let eta = cfg.steps.saturating_sub(s.step) as f64 / rate.max(1e-9);
+            eprintln!(
+                "step {}/{} loss {:.5} lr {:.2e} {:.2} step/s eta {:.0}s",
+                s.step, cfg.steps, s.loss, s.lr, rate, eta
+            );
+        }
     })?;
     bar.finish();
-    eprintln!(
-        "wrote {} ({} format, {} updates)",
-        cfg.out.display(),
-        cfg.format,
-        t.state.step
-    );
+    let weights = if cfg.ema_decay > 0.0 {
+        format!(", EMA {} weights", cfg.ema_decay)
+    } else {
+        String::new()
+    };
+    if cfg.full {
+        eprintln!(
+            "wrote the model folder {} ({} updates{weights})",
+            cfg.out.display(),
+            t.state.step
+        );
+    } else {
+        eprintln!(
+            "wrote {} ({} format, {} updates{weights})",
+            cfg.out.display(),
+            cfg.format,
+            t.state.step
+        );
+    }
     Ok(())
 }

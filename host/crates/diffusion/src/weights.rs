@@ -4,14 +4,17 @@
 //! every shape against the caller's expectation, converts to the requested
 //! dtype/device and records each key it hands out, so a loader can prove it
 //! consumed a checkpoint completely (`unused_keys`) and asked for nothing that
-//! is absent (`missing_keys`).
+//! is absent (`missing_keys`). In trainable mode (`Vb::new_trainable`) every
+//! weight `get` hands out is a candle `Var`, recorded under its checkpoint key
+//! (`Vb::vars`), so a model built from it trains all its weights (full
+//! fine-tuning); buffers loaded with `get_any_shape` stay plain tensors.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor, Var};
 
 /// A named collection of tensors (a checkpoint, or a test stand-in for one).
 pub trait TensorSource: Send + Sync {
@@ -316,6 +319,8 @@ struct VbShared {
     source: Arc<dyn TensorSource>,
     used: Mutex<BTreeSet<String>>,
     missing: Mutex<BTreeSet<String>>,
+    /// Trainable mode: the variables handed out, by key.
+    vars: Option<Mutex<BTreeMap<String, Var>>>,
 }
 
 /// Path-prefixed weight builder: `vb.pp("down_blocks").pp(0).get((320, 4, 3, 3), "weight")`.
@@ -336,10 +341,50 @@ impl Vb {
                 source,
                 used: Mutex::new(BTreeSet::new()),
                 missing: Mutex::new(BTreeSet::new()),
+                vars: None,
             }),
             prefix: String::new(),
             dtype,
             device: device.clone(),
+        }
+    }
+
+    /// A root builder in trainable mode: every weight `get` returns is the
+    /// tensor of a fresh candle `Var` (the same `Var` when a key is asked for
+    /// twice), recorded by its full key; see [`Vb::vars`].
+    pub fn new_trainable(source: Arc<dyn TensorSource>, dtype: DType, device: &Device) -> Self {
+        Self {
+            shared: Arc::new(VbShared {
+                source,
+                used: Mutex::new(BTreeSet::new()),
+                missing: Mutex::new(BTreeSet::new()),
+                vars: Some(Mutex::new(BTreeMap::new())),
+            }),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// A trainable builder over a diffusers component folder's weights.
+    pub fn trainable_from_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self::new_trainable(
+            Arc::new(SafetensorsSource::from_dir(dir)?),
+            dtype,
+            device,
+        ))
+    }
+
+    /// True for a trainable builder.
+    pub fn is_trainable(&self) -> bool {
+        self.shared.vars.is_some()
+    }
+
+    /// The variables handed out so far by full key (trainable mode; empty otherwise).
+    pub fn vars(&self) -> BTreeMap<String, Var> {
+        match &self.shared.vars {
+            Some(v) => v.lock().unwrap().clone(),
+            None => BTreeMap::new(),
         }
     }
 
@@ -409,9 +454,13 @@ impl Vb {
     }
 
     /// Loads `name`, checking it has exactly `shape`; records the key as used.
+    /// In trainable mode the result is a variable's tensor.
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        self.fetch(shape.into(), name, true)
+    }
+
+    fn fetch(&self, want: Shape, name: &str, trainable: bool) -> Result<Tensor> {
         let key = self.key(name);
-        let want: Shape = shape.into();
         let src = &self.shared.source;
         let Some(have) = src.shape(&key) else {
             self.shared.missing.lock().unwrap().insert(key.clone());
@@ -429,12 +478,30 @@ impl Vb {
                 want.dims()
             );
         }
+        if trainable {
+            if let Some(vars) = &self.shared.vars {
+                let mut vars = vars.lock().unwrap();
+                if let Some(v) = vars.get(&key) {
+                    if v.dtype() == self.dtype && v.device().same_device(&self.device) {
+                        return Ok(v.as_tensor().clone());
+                    }
+                    bail!("weight {key} was asked for twice in different dtypes or devices");
+                }
+                let t = src.load(&key, self.dtype, &self.device)?;
+                let v = Var::from_tensor(&t)
+                    .with_context(|| format!("making weight {key} trainable"))?;
+                vars.insert(key.clone(), v.clone());
+                self.shared.used.lock().unwrap().insert(key);
+                return Ok(v.as_tensor().clone());
+            }
+        }
         let t = src.load(&key, self.dtype, &self.device)?;
         self.shared.used.lock().unwrap().insert(key);
         Ok(t)
     }
 
     /// Loads `name` with whatever shape it has; records the key as used.
+    /// Meant for buffers (e.g. CLIP's `position_ids`): never a variable.
     pub fn get_any_shape(&self, name: &str) -> Result<Tensor> {
         let key = self.key(name);
         let Some(shape) = self.shared.source.shape(&key) else {
@@ -444,7 +511,7 @@ impl Vb {
                 self.shared.source.origin(&key)
             );
         };
-        self.get(shape, name)
+        self.fetch(shape.into(), name, false)
     }
 
     /// Keys of the source that no `get` has consumed (over all clones).
@@ -496,5 +563,57 @@ impl Vb {
             missing.len(),
             show(&missing)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trainable_builder_hands_out_recorded_variables() {
+        let dev = Device::Cpu;
+        let src = MemorySource::new(
+            [
+                (
+                    "a.weight".to_string(),
+                    Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap(),
+                ),
+                (
+                    "a.position_ids".to_string(),
+                    Tensor::new(&[0f32, 1.0], &dev).unwrap(),
+                ),
+            ],
+            "mem",
+        );
+        let vb = Vb::new_trainable(Arc::new(src), DType::F32, &dev);
+        assert!(vb.is_trainable());
+        let w = vb.pp("a").get((2, 2), "weight").unwrap();
+        assert!(w.is_variable());
+        let again = vb.pp("a").get((2, 2), "weight").unwrap();
+        assert_eq!(again.id(), w.id(), "one variable per key");
+        let buf = vb.pp("a").get_any_shape("position_ids").unwrap();
+        assert!(!buf.is_variable(), "buffers are not trained");
+        let vars = vb.vars();
+        assert_eq!(vars.keys().collect::<Vec<_>>(), vec!["a.weight"]);
+        // The variable's values are the stored weights, and set() is seen through `w`.
+        assert_eq!(
+            w.to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]]
+        );
+        vars["a.weight"].set(&w.zeros_like().unwrap()).unwrap();
+        assert_eq!(w.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        vb.check_fully_used().unwrap();
+        // A plain builder hands out plain tensors.
+        let plain = Vb::new(
+            Arc::new(MemorySource::new(
+                [("x".to_string(), Tensor::new(&[1f32], &dev).unwrap())],
+                "m",
+            )),
+            DType::F32,
+            &dev,
+        );
+        assert!(!plain.get(1, "x").unwrap().is_variable());
+        assert!(plain.vars().is_empty());
     }
 }

@@ -3,10 +3,14 @@
 //! clipping, diffusers' LR schedules and gradient accumulation ([`optim`]);
 //! image-caption datasets ([`dataset`]); a serialisable seeded RNG ([`rng`]);
 //! atomic, bit-exact resumable checkpoints ([`checkpoint`]); LoRA adapters
-//! as trainable variables ([`lora`]); and the training loop ([`trainer`]).
+//! as trainable variables ([`lora`]); full fine-tuning of every UNet and
+//! text-encoder weight ([`full`]); EMA of trained weights ([`ema`]); and the
+//! training loop ([`trainer`]).
 
 pub mod checkpoint;
 pub mod dataset;
+pub mod ema;
+pub mod full;
 pub mod lora;
 pub mod optim;
 pub mod rng;

@@ -1,8 +1,12 @@
-//! The LoRA training loop (SELMA's expert training): configuration with the
-//! paper's defaults, the diffusion loss (epsilon or v target from the
-//! scheduler config, MSE, optional min-SNR-gamma weighting and noise offset),
-//! per-sample uniform timesteps, cached VAE posteriors and text embeddings,
-//! gradient accumulation, clipping, AdamW, checkpoints and exact resume.
+//! The training loop (SELMA's expert training, and full fine-tuning of small
+//! base models): configuration with the paper's defaults, the diffusion loss
+//! (epsilon or v target from the scheduler config, MSE, optional
+//! min-SNR-gamma weighting and noise offset), per-sample uniform timesteps,
+//! caption dropout, VAE posteriors and (while the text encoder is frozen) text
+//! embeddings cached on disk, gradient accumulation, clipping, AdamW, EMA,
+//! checkpoints and exact resume. LoRA mode trains adapters on the UNet and
+//! writes a LoRA file; full mode (`full`) trains every UNet weight (and the
+//! text encoders with `train_text_encoder`) and writes a diffusers folder.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -18,6 +22,8 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint;
 use crate::dataset::{choose_variant, load_rgb, prepare, Crop, Dataset, Variant};
+use crate::ema::{assign, snapshot, Ema};
+use crate::full::{self, FullPart};
 use crate::lora::{LoraSet, DEFAULT_TARGETS};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule};
 use crate::rng::TrainRng;
@@ -30,7 +36,7 @@ pub struct TrainConfig {
     pub model: PathBuf,
     /// Dataset folder.
     pub data: PathBuf,
-    /// Output LoRA file.
+    /// Output LoRA file (full mode: output model folder).
     pub out: PathBuf,
     /// Run folder for checkpoints, logs and caches (default: `<out>.run`).
     pub run_dir: Option<PathBuf>,
@@ -86,6 +92,16 @@ pub struct TrainConfig {
     pub device: String,
     /// UNet/text-encoder compute dtype (`f32`, `f16`, `bf16`); LoRA weights and AdamW state stay f32.
     pub dtype: String,
+    /// Train every UNet weight instead of LoRA adapters; `out` is then a diffusers model folder.
+    pub full: bool,
+    /// With `full`: train the text encoder(s) too (unset: on with `full`).
+    pub train_text_encoder: Option<bool>,
+    /// Probability of training a sample on the empty caption (for classifier-free guidance).
+    pub caption_dropout: f64,
+    /// EMA decay of the trained weights (0: off); the output then holds the EMA weights.
+    pub ema_decay: f64,
+    /// Ramp the EMA decay up as diffusers' EMAModel: `min(ema_decay, (1+s)/(10+s))`.
+    pub ema_warmup: bool,
 }
 
 impl Default for TrainConfig {
@@ -121,6 +137,11 @@ impl Default for TrainConfig {
             validation_steps: 20,
             device: "cpu".into(),
             dtype: "f32".into(),
+            full: false,
+            train_text_encoder: None,
+            caption_dropout: 0.0,
+            ema_decay: 0.0,
+            ema_warmup: true,
         }
     }
 }
@@ -147,7 +168,36 @@ impl TrainConfig {
         })
     }
 
+    /// Whether the text encoder(s) are trained (only in full mode; default on there).
+    pub fn trains_text_encoder(&self) -> bool {
+        self.full && self.train_text_encoder.unwrap_or(true)
+    }
+
     fn check(&self) -> Result<()> {
+        ensure!(
+            self.full || self.train_text_encoder != Some(true),
+            "--train-text-encoder needs --full (LoRA training adapts the UNet only)"
+        );
+        ensure!(
+            !self.full || self.dtype == "f32",
+            "--full trains in f32: drop --dtype {} (or set dtype = \"f32\")",
+            self.dtype
+        );
+        ensure!(
+            !self.full || self.out.extension().is_none_or(|e| e != "safetensors"),
+            "--full writes a model folder: --out {} looks like a LoRA file; pass a folder path",
+            self.out.display()
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.caption_dropout),
+            "--caption-dropout {} must be a probability in [0, 1]",
+            self.caption_dropout
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.ema_decay),
+            "--ema-decay {} must be in [0, 1) (0 turns EMA off)",
+            self.ema_decay
+        );
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.grad_accum > 0, "--grad-accum must be at least 1");
         ensure!(self.rank > 0, "--rank must be at least 1");
@@ -260,8 +310,11 @@ pub struct CheckpointState {
     pub adam_step: u64,
     /// The run's configuration.
     pub config: TrainConfig,
-    /// LoRA variable names, in optimizer order.
+    /// Trained tensor names, in optimizer order.
     pub names: Vec<String>,
+    /// EMA updates folded in (0 without EMA).
+    #[serde(default)]
+    pub ema_updates: u64,
 }
 
 /// A training run in memory.
@@ -270,10 +323,18 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     /// The model (UNet with LoRA adapters attached).
     pub sd: StableDiffusion,
-    /// The trained adapters.
+    /// The trained adapters (no layers in full mode).
     pub lora: LoraSet,
+    /// The fully trained parts (full mode; empty with LoRA).
+    pub full: Vec<FullPart>,
+    /// Names of the trained tensors, in optimizer order.
+    pub names: Vec<String>,
     /// The optimizer.
     pub opt: AdamW,
+    /// EMA of the trained weights (when `ema_decay > 0`).
+    pub ema: Option<Ema>,
+    /// Captions run through the text encoder(s) so far (cache misses and in-graph encodings).
+    pub text_encoder_calls: u64,
     /// Loop position.
     pub state: LoopState,
     /// The data.
@@ -281,32 +342,47 @@ pub struct Trainer {
     schedule: NoiseSchedule,
     lr_schedule: LrSchedule,
     vae_id: String,
+    te_id: String,
     posteriors: HashMap<(usize, Variant), (Tensor, Tensor)>,
     texts: HashMap<String, (Tensor, Option<Tensor>)>,
 }
 
-fn vae_identity(model: &Path) -> Result<String> {
-    let dir = model.join("vae");
+/// Hashes the files of `dirs` (missing folders are skipped): small text
+/// files (configs, vocabularies) by content, weight files by name, size and
+/// mtime (too big to hash each run).
+fn folder_identity(model: &Path, dirs: &[String]) -> Result<String> {
     let mut h = Sha256::new();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for p in entries {
-        let name = p
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .to_string();
-        if name == "config.json" {
-            h.update(std::fs::read(&p)?);
-        } else if name.ends_with(".safetensors") {
-            // Weights are too big to hash each run: name, size and mtime identify them.
-            let md = std::fs::metadata(&p)?;
+    let index = model.join("model_index.json");
+    if index.is_file() {
+        h.update(std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?);
+    }
+    for d in dirs {
+        let dir = model.join(d);
+        if !dir.is_dir() {
+            continue;
+        }
+        h.update(d.as_bytes());
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            let md = std::fs::metadata(&p).with_context(|| format!("reading {}", p.display()))?;
             h.update(name.as_bytes());
             h.update(md.len().to_le_bytes());
-            if let Ok(t) = md.modified() {
+            let text = [".json", ".txt", ".model"]
+                .iter()
+                .any(|e| name.ends_with(e));
+            if text && md.len() < (16 << 20) {
+                h.update(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
+            } else if let Ok(t) = md.modified() {
                 if let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) {
                     h.update(d.as_nanos().to_le_bytes());
                 }
@@ -314,6 +390,73 @@ fn vae_identity(model: &Path) -> Result<String> {
         }
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// Identity of the image codec (the `vae/` folder, or whatever other part
+/// folder the model declares besides the UNet, text encoders, tokenizers
+/// and scheduler).
+fn vae_identity(model: &Path) -> Result<String> {
+    let mut dirs = vec![];
+    for e in std::fs::read_dir(model).with_context(|| format!("listing {}", model.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let other = ["unet", "scheduler"].contains(&name.as_str())
+            || name.starts_with("text_encoder")
+            || name.starts_with("tokenizer");
+        if e.path().is_dir() && !other {
+            dirs.push(name);
+        }
+    }
+    dirs.sort();
+    folder_identity(model, &dirs)
+}
+
+/// Identity of the text encoders and tokenizers (the text-embedding cache key).
+fn text_encoder_identity(model: &Path) -> Result<String> {
+    let dirs = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"];
+    folder_identity(model, &dirs.map(String::from))
+}
+
+/// Text embeddings of `texts` in one batch, computed in the graph (gradients
+/// reach trainable text encoders): the same conditioning as
+/// `StableDiffusion::encode_text`, one row per caption.
+pub fn encode_batch(sd: &StableDiffusion, texts: &[String]) -> Result<(Tensor, Option<Tensor>)> {
+    let ids = |tok: &selma_diffusion::tokenizer::ClipTokenizer| -> Result<Tensor> {
+        let rows = texts
+            .iter()
+            .map(|t| tok.encode_padded(t))
+            .collect::<Result<Vec<_>>>()?;
+        let l = rows.first().map_or(0, |r| r.len());
+        ensure!(
+            rows.iter().all(|r| r.len() == l),
+            "tokenizer gave sequences of different lengths"
+        );
+        Ok(Tensor::from_vec(
+            rows.concat(),
+            (texts.len(), l),
+            sd.device(),
+        )?)
+    };
+    use selma_diffusion::clip::HiddenLayer;
+    match (&sd.text_encoder_2, &sd.tokenizer_2) {
+        (Some(te2), Some(tok2)) => {
+            let o1 = sd
+                .text_encoder
+                .forward(&ids(&sd.tokenizer)?, HiddenLayer::PENULTIMATE)?;
+            let o2 = te2.forward(&ids(tok2)?, HiddenLayer::PENULTIMATE)?;
+            let ctx = Tensor::cat(&[&o1.hidden, &o2.hidden.to_dtype(o1.hidden.dtype())?], 2)?;
+            let pooled = o2
+                .text_embeds
+                .context("text_encoder_2 has no text_projection (SDXL needs one)")?;
+            Ok((ctx, Some(pooled)))
+        }
+        _ => Ok((
+            sd.text_encoder
+                .forward(&ids(&sd.tokenizer)?, HiddenLayer::Last)?
+                .hidden,
+            None,
+        )),
+    }
 }
 
 impl Trainer {
@@ -326,26 +469,59 @@ impl Trainer {
             .with_context(|| format!("loading the model {}", cfg.model.display()))?;
         let dataset = Dataset::open(&cfg.data, cfg.skip_bad)?;
         let mut rng = TrainRng::new(cfg.seed);
-        let lora = LoraSet::attach(
-            &mut sd.unet,
-            "unet",
-            &cfg.targets,
-            cfg.rank,
-            cfg.alpha,
-            &mut rng,
-            &device,
-            DType::F32,
-        )?;
-        let opt = AdamW::new(lora.vars(), cfg.adam)?;
+        let (lora, parts) = if cfg.full {
+            let parts = full::make_trainable(&mut sd, &cfg.model, cfg.trains_text_encoder())?;
+            let lora = LoraSet {
+                component: "unet".into(),
+                rank: cfg.rank,
+                alpha: cfg.alpha,
+                layers: vec![],
+            };
+            (lora, parts)
+        } else {
+            let lora = LoraSet::attach(
+                &mut sd.unet,
+                "unet",
+                &cfg.targets,
+                cfg.rank,
+                cfg.alpha,
+                &mut rng,
+                &device,
+                DType::F32,
+            )?;
+            (lora, vec![])
+        };
+        let (vars, names) = if cfg.full {
+            (
+                parts
+                    .iter()
+                    .flat_map(|p| p.vars.values().cloned())
+                    .collect(),
+                parts.iter().flat_map(|p| p.names()).collect(),
+            )
+        } else {
+            (lora.vars(), lora.var_names())
+        };
+        let opt = AdamW::new(vars, cfg.adam)?;
+        let ema = if cfg.ema_decay > 0.0 {
+            Some(Ema::new(&opt.params, cfg.ema_decay, cfg.ema_warmup)?)
+        } else {
+            None
+        };
         let order = rng.permutation(dataset.len());
         let schedule = sd.scheduler_config.noise_schedule();
         let lr_schedule = LrSchedule::parse(&cfg.lr_schedule, cfg.warmup_steps, cfg.steps)?;
         let vae_id = vae_identity(&cfg.model)?;
+        let te_id = text_encoder_identity(&cfg.model)?;
         Ok(Self {
             cfg,
             sd,
             lora,
+            full: parts,
+            names,
             opt,
+            ema,
+            text_encoder_calls: 0,
             state: LoopState {
                 step: 0,
                 rng,
@@ -357,6 +533,7 @@ impl Trainer {
             schedule,
             lr_schedule,
             vae_id,
+            te_id,
             posteriors: HashMap::new(),
             texts: HashMap::new(),
         })
@@ -380,12 +557,29 @@ impl Trainer {
 
     /// VAE posterior (mean, std) of sample `idx` in crop/flip `v`: from
     /// memory, the on-disk cache (keyed by image bytes, VAE identity,
-    /// resolution and variant), or the VAE.
+    /// resolution and variant), or the VAE; a weightless codec encodes directly.
     fn posterior(&mut self, idx: usize, v: Variant) -> Result<(Tensor, Tensor)> {
         if let Some(p) = self.posteriors.get(&(idx, v)) {
             return Ok(p.clone());
         }
         let path = self.dataset.samples[idx].image.clone();
+        if self.sd.vae.as_kl().is_none() {
+            // A weightless codec (pixel-unshuffle) costs less than a cache
+            // lookup: encode every time, keep nothing (large pretraining sets).
+            let img = load_rgb(&path)?;
+            let px = prepare(&img, self.cfg.resolution, v, self.sd.device())?
+                .unsqueeze(0)?
+                .to_dtype(self.sd.vae.dtype())?;
+            let post = self
+                .sd
+                .vae
+                .encode(&px)
+                .with_context(|| format!("encoding {}", path.display()))?;
+            return Ok((
+                post.mean.to_dtype(DType::F32)?,
+                post.std()?.to_dtype(DType::F32)?,
+            ));
+        }
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let mut h = Sha256::new();
         h.update(&bytes);
@@ -434,25 +628,111 @@ impl Trainer {
         Ok((mean, std))
     }
 
+    /// Zeroes the embeddings of empty captions when the model's unconditional
+    /// input is zeros (SDXL's `force_zeros_for_empty_prompt`), as sampling does.
+    fn zero_empty(
+        &self,
+        texts: &[String],
+        ctx: Tensor,
+        pooled: Option<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if !self.sd.force_zeros_for_empty_prompt || texts.iter().all(|t| !t.is_empty()) {
+            return Ok((ctx, pooled));
+        }
+        let keep: Vec<f32> = texts
+            .iter()
+            .map(|t| if t.is_empty() { 0.0 } else { 1.0 })
+            .collect();
+        let b = texts.len();
+        let m = Tensor::from_vec(keep, b, ctx.device())?.to_dtype(ctx.dtype())?;
+        let ctx = ctx.broadcast_mul(&m.reshape((b, 1, 1))?)?;
+        let pooled = match pooled {
+            Some(p) => Some(p.broadcast_mul(&m.reshape((b, 1))?.to_dtype(p.dtype())?)?),
+            None => None,
+        };
+        Ok((ctx, pooled))
+    }
+
+    /// Frozen text encoder: the embeddings of one caption from memory, the
+    /// on-disk cache (`<run_dir>/text-cache/`, keyed by caption, text-encoder
+    /// identity and dtype) or the encoder.
     fn text(&mut self, text: &str) -> Result<(Tensor, Option<Tensor>)> {
         if let Some(t) = self.texts.get(text) {
             return Ok(t.clone());
         }
-        let t = self
-            .sd
-            .encode_text(text)
-            .with_context(|| format!("encoding caption {text:?}"))?;
-        let t = (t.0.detach(), t.1.map(|p| p.detach()));
+        let mut h = Sha256::new();
+        h.update(self.te_id.as_bytes());
+        h.update([0u8]);
+        h.update(text.as_bytes());
+        h.update([0u8]);
+        h.update(self.cfg.dtype.as_bytes());
+        let key = hex::encode(h.finalize());
+        let cache_dir = self.cfg.run_dir().join("text-cache");
+        let file = cache_dir.join(format!("{key}.safetensors"));
+        let device = self.sd.device().clone();
+        let t = if file.is_file() {
+            let m = candle_core::safetensors::load(&file, &device)
+                .with_context(|| format!("reading cached text embeddings {}", file.display()))?;
+            let ctx = m
+                .get("context")
+                .with_context(|| format!("{} lacks `context`", file.display()))?
+                .clone();
+            (ctx, m.get("pooled").cloned())
+        } else {
+            self.text_encoder_calls += 1;
+            let t = self
+                .sd
+                .encode_text(text)
+                .with_context(|| format!("encoding caption {text:?}"))?;
+            let t = (t.0.detach(), t.1.map(|p| p.detach()));
+            std::fs::create_dir_all(&cache_dir)
+                .with_context(|| format!("creating {}", cache_dir.display()))?;
+            let mut m: HashMap<String, Tensor> =
+                [("context".to_string(), t.0.to_device(&Device::Cpu)?)].into();
+            if let Some(p) = &t.1 {
+                m.insert("pooled".into(), p.to_device(&Device::Cpu)?);
+            }
+            let tmp = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
+            candle_core::safetensors::save(&m, &tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
+            t
+        };
         self.texts.insert(text.to_string(), t.clone());
         Ok(t)
     }
 
-    /// One micro-batch: loss value and the LoRA gradients (optimizer order).
+    /// Conditioning for a batch of captions: in the graph when the text
+    /// encoder trains, else from the cache; empty captions zeroed where the model wants it.
+    fn texts_batch(&mut self, texts: &[String]) -> Result<(Tensor, Option<Tensor>)> {
+        let (ctx, pooled) = if self.cfg.trains_text_encoder() {
+            self.text_encoder_calls += texts.len() as u64;
+            encode_batch(&self.sd, texts).with_context(|| format!("encoding captions {texts:?}"))?
+        } else {
+            let (mut ctx, mut pooled) = (vec![], vec![]);
+            for t in texts {
+                let (c, p) = self.text(t)?;
+                ctx.push(c);
+                if let Some(p) = p {
+                    pooled.push(p);
+                }
+            }
+            let pooled = if pooled.is_empty() {
+                None
+            } else {
+                Some(Tensor::cat(&pooled, 0)?)
+            };
+            (Tensor::cat(&ctx, 0)?, pooled)
+        };
+        self.zero_empty(texts, ctx, pooled)
+    }
+
+    /// One micro-batch: loss value and the gradients of the trained tensors (optimizer order).
     pub fn micro_batch(&mut self) -> Result<(f64, Vec<Option<Tensor>>)> {
         let res = self.cfg.resolution;
         let dtype = self.sd.dtype();
         let device = self.sd.device().clone();
-        let (mut lat, mut ctx, mut pooled, mut ids) = (vec![], vec![], vec![], vec![]);
+        let (mut lat, mut texts, mut ids) = (vec![], vec![], vec![]);
         for _ in 0..self.cfg.batch {
             let idx = self.next_index();
             let path = self.dataset.samples[idx].image.clone();
@@ -477,26 +757,29 @@ impl Trainer {
                     .vae
                     .scale_latents(&raw.to_dtype(self.sd.vae.dtype())?)?,
             );
-            let text = self.dataset.samples[idx].text.clone();
-            let (c, p) = self.text(&text)?;
-            ctx.push(c);
-            if let Some(p) = p {
-                pooled.push(p);
-            }
+            let drop = self.cfg.caption_dropout > 0.0
+                && self.state.rng.uniform() < self.cfg.caption_dropout;
+            texts.push(if drop {
+                String::new()
+            } else {
+                self.dataset.samples[idx].text.clone()
+            });
             ids.push(vec![
                 h as f32, w as f32, v.y as f32, v.x as f32, res as f32, res as f32,
             ]);
         }
         let latents = Tensor::cat(&lat, 0)?.to_dtype(dtype)?;
-        let context = Tensor::cat(&ctx, 0)?.to_dtype(dtype)?;
-        let added = if pooled.is_empty() {
-            None
-        } else {
-            let b = ids.len();
-            Some(SdxlAdded {
-                text_embeds: Tensor::cat(&pooled, 0)?.to_dtype(dtype)?,
-                time_ids: Tensor::from_vec(ids.concat(), (b, 6), &device)?.to_dtype(dtype)?,
-            })
+        let (context, pooled) = self.texts_batch(&texts)?;
+        let context = context.to_dtype(dtype)?;
+        let added = match pooled {
+            None => None,
+            Some(pooled) => {
+                let b = ids.len();
+                Some(SdxlAdded {
+                    text_embeds: pooled.to_dtype(dtype)?,
+                    time_ids: Tensor::from_vec(ids.concat(), (b, 6), &device)?.to_dtype(dtype)?,
+                })
+            }
         };
         let shape = latents.shape().clone();
         let mut noise = self.state.rng.randn(shape, 1.0, &device, DType::F32)?;
@@ -532,8 +815,8 @@ impl Trainer {
         );
         let grads = loss.backward()?;
         let g = self
-            .lora
-            .vars()
+            .opt
+            .params
             .iter()
             .map(|v| grads.get(v.as_tensor()).cloned())
             .collect();
@@ -563,7 +846,12 @@ impl Trainer {
                 .scale_latents(&mean.to_dtype(self.sd.vae.dtype())?)?
                 .to_dtype(dtype)?;
             let text = self.dataset.samples[idx].text.clone();
-            let (ctx, pooled) = self.text(&text)?;
+            let (ctx, pooled) = if self.cfg.trains_text_encoder() {
+                let (c, p) = encode_batch(&self.sd, std::slice::from_ref(&text))?;
+                (c.detach(), p.map(|p| p.detach()))
+            } else {
+                self.text(&text)?
+            };
             let added = match pooled {
                 Some(p) => Some(SdxlAdded {
                     text_embeds: p.to_dtype(dtype)?,
@@ -618,6 +906,9 @@ impl Trainer {
         }
         let lr = self.cfg.lr * self.lr_schedule.factor(self.state.step);
         self.opt.step(&grads, lr)?;
+        if let Some(e) = &mut self.ema {
+            e.update(&self.opt.params)?;
+        }
         self.state.step += 1;
         Ok(StepStats {
             step: self.state.step,
@@ -627,13 +918,17 @@ impl Trainer {
         })
     }
 
-    /// Every tensor a checkpoint holds: LoRA factors and AdamW moments.
+    /// Every tensor a checkpoint holds: trained weights (LoRA factors or
+    /// full weights), AdamW moments and, with EMA, the averages (`.ema`).
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut m = HashMap::new();
-        for (i, name) in self.lora.var_names().iter().enumerate() {
+        for (i, name) in self.names.iter().enumerate() {
             m.insert(name.clone(), self.opt.params[i].as_tensor().clone());
             m.insert(format!("{name}.exp_avg"), self.opt.m[i].clone());
             m.insert(format!("{name}.exp_avg_sq"), self.opt.v[i].clone());
+            if let Some(e) = &self.ema {
+                m.insert(format!("{name}.ema"), e.shadow[i].clone());
+            }
         }
         m
     }
@@ -645,7 +940,8 @@ impl Trainer {
             state: self.state.clone(),
             adam_step: self.opt.step,
             config: self.cfg.clone(),
-            names: self.lora.var_names(),
+            names: self.names.clone(),
+            ema_updates: self.ema.as_ref().map_or(0, |e| e.updates),
         };
         let dir = checkpoint::save(
             &self.cfg.run_dir(),
@@ -681,15 +977,29 @@ impl Trainer {
             resolution,
             seed,
             crop,
-            random_flip
+            random_flip,
+            full,
+            ema_decay,
+            ema_warmup
         );
+        if a.trains_text_encoder() != b.trains_text_encoder() {
+            diffs.push(format!(
+                "train_text_encoder (checkpoint {}, now {})",
+                a.trains_text_encoder(),
+                b.trains_text_encoder()
+            ));
+        }
         ensure!(
             diffs.is_empty(),
             "{}: cannot resume with different settings: {}",
             dir.display(),
             diffs.join(", ")
         );
-        let names = self.lora.var_names();
+        let names = self.names.clone();
+        if self.cfg.full {
+            full::check_names(&self.full, &st.names)
+                .with_context(|| format!("{}", dir.display()))?;
+        }
         ensure!(
             st.names == names,
             "{}: the checkpoint's LoRA layers differ from this model's",
@@ -707,13 +1017,19 @@ impl Trainer {
                 .with_context(|| format!("{}: restoring {name}", dir.display()))?;
             self.opt.m[i] = get(&format!("{name}.exp_avg"))?;
             self.opt.v[i] = get(&format!("{name}.exp_avg_sq"))?;
+            if let Some(e) = &mut self.ema {
+                e.shadow[i] = get(&format!("{name}.ema"))?;
+            }
+        }
+        if let Some(e) = &mut self.ema {
+            e.updates = st.ema_updates;
         }
         self.opt.step = st.adam_step;
         self.state = st.state;
         Ok(())
     }
 
-    /// The trained adapters as a LoRA file with rank/alpha/step metadata.
+    /// The trained adapters (current weights) as a LoRA file with rank/alpha/step metadata.
     pub fn lora_file(&self) -> Result<selma_lora::LoraFile> {
         let mut meta = BTreeMap::new();
         meta.insert("selma_steps".into(), self.state.step.to_string());
@@ -722,55 +1038,194 @@ impl Trainer {
             "selma_base_model".into(),
             self.cfg.model.display().to_string(),
         );
+        if let Some(e) = &self.ema {
+            meta.insert("selma_ema_decay".into(), e.decay.to_string());
+        }
         self.lora.to_lora_file(&meta)
     }
 
-    /// Saves the LoRA to `cfg.out` in `cfg.format` (atomic).
-    pub fn save_lora(&self) -> Result<()> {
+    /// Runs `f` with the output weights in place (the EMA averages when EMA
+    /// is on, else the current weights), then puts the exact current weights back.
+    pub fn with_output_weights<R>(&mut self, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        let Some(shadow) = self.ema.as_ref().map(|e| e.shadow.clone()) else {
+            return f(self);
+        };
+        let saved = snapshot(&self.opt.params)?;
+        assign(&self.opt.params, &shadow)?;
+        let r = f(self);
+        assign(&self.opt.params, &saved)?;
+        r
+    }
+
+    /// Runs `f` on the model with plain (frozen) copies of the fully trained
+    /// parts swapped in (full mode) or with the adapters on detached views of
+    /// their variables (LoRA mode), so sampling builds no autograd graph and
+    /// takes the same path as inference.
+    fn with_frozen_model<R>(&mut self, f: impl FnOnce(&StableDiffusion) -> Result<R>) -> Result<R> {
+        if self.full.is_empty() {
+            // Adapters on plain (detached) views of the variables: the
+            // inference path `generate --lora` takes, with no graph.
+            use selma_diffusion::nn::Adaptable;
+            let mut saved = vec![];
+            self.sd.unet.visit_adaptable("", &mut |_, l| {
+                for a in l.adapters_mut() {
+                    saved.push((a.up.clone(), a.down.clone()));
+                    a.up = a.up.detach();
+                    a.down = a.down.detach();
+                }
+            });
+            let r = f(&self.sd);
+            let mut it = saved.into_iter();
+            self.sd.unet.visit_adaptable("", &mut |_, l| {
+                for a in l.adapters_mut() {
+                    if let Some((up, down)) = it.next() {
+                        a.up = up;
+                        a.down = down;
+                    }
+                }
+            });
+            return r;
+        }
+        let device = self.sd.device().clone();
+        let mut unet = None;
+        let mut te = None;
+        let mut te2 = None;
+        for part in &self.full {
+            match part.component.as_str() {
+                "unet" => unet = Some(full::frozen_unet(part, &self.sd.unet, &device)?),
+                "text_encoder" => {
+                    te = Some(full::frozen_text_encoder(
+                        part,
+                        &self.sd.text_encoder,
+                        &device,
+                    )?)
+                }
+                "text_encoder_2" => {
+                    if let Some(t) = &self.sd.text_encoder_2 {
+                        te2 = Some(full::frozen_text_encoder(part, t, &device)?)
+                    }
+                }
+                other => bail!("unknown trained component {other}"),
+            }
+        }
+        let unet = unet.map(|u| std::mem::replace(&mut self.sd.unet, u));
+        let te = te.map(|t| std::mem::replace(&mut self.sd.text_encoder, t));
+        let te2 = match (te2, &mut self.sd.text_encoder_2) {
+            (Some(t), Some(slot)) => Some(std::mem::replace(slot, t)),
+            _ => None,
+        };
+        let r = f(&self.sd);
+        if let Some(u) = unet {
+            self.sd.unet = u;
+        }
+        if let Some(t) = te {
+            self.sd.text_encoder = t;
+        }
+        if let (Some(t), Some(slot)) = (te2, &mut self.sd.text_encoder_2) {
+            *slot = t;
+        }
+        r
+    }
+
+    /// Runs `f` on a plain model holding the output weights (EMA when on):
+    /// what `save_output` writes, for rendering and measuring.
+    pub fn with_output_model<R>(
+        &mut self,
+        f: impl FnOnce(&StableDiffusion) -> Result<R>,
+    ) -> Result<R> {
+        self.with_output_weights(|t| t.with_frozen_model(f))
+    }
+
+    /// Saves the LoRA (output weights) to `cfg.out` in `cfg.format` (atomic).
+    pub fn save_lora(&mut self) -> Result<()> {
         let fmt: selma_lora::LoraFormat = self.cfg.format.parse()?;
         if let Some(p) = self.cfg.out.parent() {
             if !p.as_os_str().is_empty() {
                 std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
             }
         }
-        self.lora_file()?
-            .save(&self.cfg.out, fmt)
+        let file = self.with_output_weights(|t| t.lora_file())?;
+        file.save(&self.cfg.out, fmt)
             .with_context(|| format!("writing {}", self.cfg.out.display()))
     }
 
+    /// Full mode: writes the diffusers folder `cfg.out` with the output
+    /// weights (EMA when on); see [`full::write_model_folder`].
+    pub fn save_model_folder(&mut self) -> Result<()> {
+        ensure!(self.cfg.full, "save_model_folder needs full mode");
+        let mut trained: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+        let values = match &self.ema {
+            Some(e) => e.shadow.clone(),
+            None => self
+                .opt
+                .params
+                .iter()
+                .map(|p| p.as_tensor().clone())
+                .collect(),
+        };
+        let mut i = 0;
+        for part in &self.full {
+            let m = trained.entry(part.component.clone()).or_default();
+            for k in part.vars.keys() {
+                m.insert(k.clone(), values[i].clone());
+                i += 1;
+            }
+        }
+        full::write_model_folder(&self.cfg.model, &self.cfg.out, &trained)
+            .with_context(|| format!("writing the trained model to {}", self.cfg.out.display()))
+    }
+
+    /// Writes the run's output: the model folder (full mode) or the LoRA file.
+    pub fn save_output(&mut self) -> Result<()> {
+        if self.cfg.full {
+            self.save_model_folder()
+        } else {
+            self.save_lora()
+        }
+    }
+
     /// Renders every validation prompt (DDIM, guidance 7.5, seed = prompt
-    /// index, training resolution) with the current adapters into
+    /// index, training resolution) with the output weights into
     /// `<run_dir>/validation/step-<N>-<i>.png`; returns the files written.
-    pub fn render_validation(&self) -> Result<Vec<PathBuf>> {
+    pub fn render_validation(&mut self) -> Result<Vec<PathBuf>> {
         use selma_diffusion::pipeline::{GenerateRequest, InitNoise};
         use selma_diffusion::scheduler::{SamplerOptions, SchedulerKind};
         let dir = self.cfg.run_dir().join("validation");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let res = self.cfg.resolution as usize;
+        let prompts = self.cfg.validation_prompts.clone();
+        let steps = self.cfg.validation_steps;
+        let step = self.state.step;
+        let images = self.with_output_model(|sd| {
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, prompt)| {
+                    let req = GenerateRequest {
+                        prompt: prompt.clone(),
+                        negative: String::new(),
+                        steps,
+                        guidance: 7.5,
+                        scheduler: SchedulerKind::Ddim,
+                        sampler: SamplerOptions::default(),
+                        width: res,
+                        height: res,
+                        batch: 1,
+                        init: InitNoise::Seed(i as u64),
+                        noise_seed: i as u64,
+                    };
+                    Ok(sd
+                        .generate(&req, &mut |_, _| {})
+                        .with_context(|| format!("rendering validation prompt {prompt:?}"))?
+                        .remove(0))
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
         let mut out = vec![];
-        for (i, prompt) in self.cfg.validation_prompts.iter().enumerate() {
-            let req = GenerateRequest {
-                prompt: prompt.clone(),
-                negative: String::new(),
-                steps: self.cfg.validation_steps,
-                guidance: 7.5,
-                scheduler: SchedulerKind::Ddim,
-                sampler: SamplerOptions::default(),
-                width: res,
-                height: res,
-                batch: 1,
-                init: InitNoise::Seed(i as u64),
-                noise_seed: i as u64,
-            };
-            let img = self
-                .sd
-                .generate(&req, &mut |_, _| {})
-                .with_context(|| format!("rendering validation prompt {prompt:?}"))?
-                .remove(0);
-            let path = dir.join(format!("step-{}-{i}.png", self.state.step));
+        for (i, (prompt, img)) in prompts.iter().zip(images).enumerate() {
+            let path = dir.join(format!("step-{step}-{i}.png"));
             let params = format!(
-                "{prompt}\nSteps: {}, Sampler: ddim, CFG scale: 7.5, Seed: {i}, LoRA step: {}",
-                self.cfg.validation_steps, self.state.step
+                "{prompt}\nSteps: {steps}, Sampler: ddim, CFG scale: 7.5, Seed: {i}, step: {step}"
             );
             selma_diffusion::image_io::write_png(
                 &path,
@@ -786,7 +1241,7 @@ impl Trainer {
 
     /// Runs until `cfg.steps`, checkpointing every `save_every` updates and
     /// appending one JSON line per update to `<run_dir>/loss.jsonl`;
-    /// `on_step` sees each update (progress bars). Saves the LoRA at the end.
+    /// `on_step` sees each update (progress bars). Saves the output at the end.
     pub fn run(&mut self, mut on_step: impl FnMut(&StepStats)) -> Result<()> {
         let run_dir = self.cfg.run_dir();
         std::fs::create_dir_all(&run_dir)
@@ -817,6 +1272,6 @@ impl Trainer {
             }
         }
         self.save_checkpoint()?;
-        self.save_lora()
+        self.save_output()
     }
 }

@@ -1,11 +1,16 @@
 //! `Linear`, `Conv2d` (both LoRA hosts), `GroupNorm`, `LayerNorm`, `Embedding`.
+//! A weight that tracks gradients (a candle `Var` in full fine-tuning, see
+//! `Vb::new_trainable`) takes the plain differentiable op; a frozen one takes
+//! the frozen op, whose backward computes no weight (or bias) gradient; with
+//! gradients flowing through frozen norms, the fused frozen group/layer norm.
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
 
 use super::adapter::{fit_adapter, Adaptable, Adapter, LayerKind, LoraHost};
 use super::conv_gemm::conv2d_gemm;
-use super::frozen::{frozen_conv2d, frozen_matmul_t};
+use super::frozen::{frozen_conv2d_bias, frozen_linear};
+use super::ops::{group_norm_frozen, layer_norm_frozen};
 use crate::weights::Vb;
 
 fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -71,15 +76,26 @@ impl Linear {
         );
         let n = x.elem_count() / in_dim;
         let x2 = x.reshape((n, in_dim))?;
-        let mut y = frozen_matmul_t(&x2, &match_dtype(&self.weight, x.dtype())?)?;
+        let w = match_dtype(&self.weight, x.dtype())?;
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| match_dtype(b, x.dtype()))
+            .transpose()?;
+        let mut y = if w.track_op() {
+            let y = x2.matmul(&w.t()?)?;
+            match &b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        } else {
+            frozen_linear(&x2, &w, b.as_ref())?
+        };
         for a in &self.adapters {
             let down = match_dtype(&a.down, x.dtype())?;
             let up = match_dtype(&a.up, x.dtype())?;
             let h = x2.matmul(&down.t()?)?.matmul(&up.t()?)?;
             y = (y + (h * a.factor())?)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&match_dtype(b, x.dtype())?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = out_dim;
@@ -169,13 +185,17 @@ impl Conv2d {
     /// Applies the convolution to `[B, in, H, W]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
-        let mut y = frozen_conv2d(
-            x,
-            &match_dtype(&self.weight, dt)?,
-            self.padding,
-            self.stride,
-        )
-        .with_context(|| {
+        let w = match_dtype(&self.weight, dt)?;
+        let b = self.bias.as_ref().map(|b| match_dtype(b, dt)).transpose()?;
+        let y = if w.track_op() {
+            conv2d_gemm(x, &w, self.padding, self.stride).and_then(|y| match &b {
+                Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?),
+                None => Ok(y),
+            })
+        } else {
+            frozen_conv2d_bias(x, &w, b.as_ref(), self.padding, self.stride)
+        };
+        let mut y = y.with_context(|| {
             format!(
                 "conv2d with weight {:?} on input {:?}",
                 self.weight.dims(),
@@ -186,10 +206,6 @@ impl Conv2d {
             let h = conv2d_gemm(x, &match_dtype(&a.down, dt)?, self.padding, self.stride)?;
             let h = conv2d_gemm(&h, &match_dtype(&a.up, dt)?, 0, 1)?;
             y = (y + (h * a.factor())?)?;
-        }
-        if let Some(b) = &self.bias {
-            let c = b.dims()[0];
-            y = y.broadcast_add(&match_dtype(b, dt)?.reshape((1, c, 1, 1))?)?;
         }
         Ok(y)
     }
@@ -270,6 +286,16 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         ensure!(dims.len() >= 3, "GroupNorm needs rank >= 3, got {dims:?}");
+        if let Some(y) = group_norm_frozen(
+            x,
+            self.num_groups,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            false,
+        )? {
+            return Ok(y);
+        }
         let (b, c) = (dims[0], dims[1]);
         let per_group = x.elem_count() / (b * self.num_groups);
         let xs = upcast(&x.reshape((b, self.num_groups, per_group))?)?;
@@ -323,6 +349,11 @@ impl LayerNorm {
                 if w.is_contiguous() && b.is_contiguous() {
                     return Ok(candle_nn::ops::layer_norm(x, &w, &b, self.eps as f32)?);
                 }
+            }
+        }
+        if let Some(b) = &self.bias {
+            if let Some(y) = layer_norm_frozen(x, &self.weight, b, self.eps)? {
+                return Ok(y);
             }
         }
         let xs = upcast(x)?;

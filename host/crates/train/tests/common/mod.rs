@@ -63,3 +63,74 @@ pub fn small_config(model: &Path, data: &Path, out: &Path) -> TrainConfig {
         ..TrainConfig::default()
     }
 }
+
+/// The tiny model turned into a pixel-space one, like the ShapeWorld base:
+/// the lossless pixel-unshuffle codec (factor 2: 16x16x3 images are 8x8x12
+/// latents), the UNet's conv_in/conv_out re-initialised for 12 channels,
+/// v-prediction on the cosine schedule. Generated images are then exactly the
+/// sampled latents, so pixel distances measure the model itself.
+pub fn tiny_pixel_model(dir: &Path) -> PathBuf {
+    use selma_diffusion::init::{
+        init_values, shapeworld_codec_config, shapeworld_scheduler_config,
+    };
+    let m = dir.join("tiny-pixel");
+    init_model(Preset::Tiny, &m, 11).unwrap();
+    let write = |p: &str, v: &serde_json::Value| {
+        std::fs::write(m.join(p), serde_json::to_string_pretty(v).unwrap()).unwrap()
+    };
+    let read = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(m.join(p)).unwrap()).unwrap()
+    };
+    let mut codec = shapeworld_codec_config();
+    codec["sample_size"] = 16.into();
+    write("vae/config.json", &codec);
+    std::fs::remove_file(m.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let mut index = read("model_index.json");
+    index["vae"] = serde_json::json!(["selma", codec["_class_name"]]);
+    write("model_index.json", &index);
+    write(
+        "scheduler/scheduler_config.json",
+        &shapeworld_scheduler_config(),
+    );
+    let mut unet = read("unet/config.json");
+    unet["in_channels"] = 12.into();
+    unet["out_channels"] = 12.into();
+    write("unet/config.json", &unet);
+    let wf = m.join("unet/diffusion_pytorch_model.safetensors");
+    let mut w = candle_core::safetensors::load(&wf, &candle_core::Device::Cpu).unwrap();
+    for (name, shape) in [
+        ("conv_in.weight", vec![32, 12, 3, 3]),
+        ("conv_out.weight", vec![12, 32, 3, 3]),
+        ("conv_out.bias", vec![12]),
+    ] {
+        let v = init_values(name, &shape, 11);
+        let t = candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap();
+        w.insert(name.to_string(), t);
+    }
+    candle_core::safetensors::save(&w, &wf).unwrap();
+    m
+}
+
+/// Two 16x16 training images with distinct captions (halves of two colours).
+pub fn pixel_dataset(dir: &Path) -> PathBuf {
+    let d = dir.join("pixel-data");
+    std::fs::create_dir_all(&d).unwrap();
+    let pics: [(&str, [u8; 3], [u8; 3], bool); 2] = [
+        ("red left blue right", [220, 40, 40], [40, 80, 220], true),
+        ("yellow above green", [230, 200, 40], [40, 170, 60], false),
+    ];
+    let mut meta = String::new();
+    for (i, (text, a, b, vertical)) in pics.iter().enumerate() {
+        let img = image::RgbImage::from_fn(16, 16, |x, y| {
+            let first = if *vertical { x < 8 } else { y < 8 };
+            image::Rgb(if first { *a } else { *b })
+        });
+        let name = format!("p{i}.png");
+        img.save(d.join(&name)).unwrap();
+        meta.push_str(&format!(
+            "{{\"file_name\": \"{name}\", \"text\": \"{text}\"}}\n"
+        ));
+    }
+    std::fs::write(d.join("metadata.jsonl"), meta).unwrap();
+    d
+}
