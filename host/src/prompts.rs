@@ -98,8 +98,34 @@ pub fn run_loop(
     max_rounds: u32,
     on_progress: &mut dyn FnMut(usize, u32),
 ) -> Result<LoopOutcome> {
+    run_loop_excluding(
+        skill_id,
+        seeds,
+        &[],
+        source,
+        filters,
+        count,
+        max_rounds,
+        on_progress,
+    )
+}
+
+/// [`run_loop`], also treating every prompt of `exclude` as already seen
+/// (held-out evaluation prompts that must not repeat training prompts).
+#[allow(clippy::too_many_arguments)]
+pub fn run_loop_excluding(
+    skill_id: &str,
+    seeds: &[String],
+    exclude: &[String],
+    source: &mut dyn CandidateSource,
+    filters: &mut [&mut dyn CandidateFilter],
+    count: usize,
+    max_rounds: u32,
+    on_progress: &mut dyn FnMut(usize, u32),
+) -> Result<LoopOutcome> {
     let mut pool: Vec<String> = seeds.iter().map(|s| s.trim().to_string()).collect();
     let mut seen: HashSet<String> = pool.iter().cloned().collect();
+    seen.extend(exclude.iter().map(|s| s.trim().to_string()));
     let mut records = Vec::new();
     let mut stats = LoopStats {
         filters: filters
@@ -370,6 +396,15 @@ impl CandidateFilter for FilterJudge {
 /// Load the plugins of `job`, run the loop (with a progress bar when
 /// `progress`), and return the accepted prompts and stats.
 pub fn run_job(job: &PromptsJob, progress: bool) -> Result<LoopOutcome> {
+    run_job_excluding(job, &[], progress)
+}
+
+/// [`run_job`] where the prompts of `exclude` count as already seen (never accepted).
+pub fn run_job_excluding(
+    job: &PromptsJob,
+    exclude: &[String],
+    progress: bool,
+) -> Result<LoopOutcome> {
     let params = split_params(&job.params)?;
     let mut config = selma_runtime::RuntimeConfig {
         seed: job.seed,
@@ -463,9 +498,10 @@ pub fn run_job(job: &PromptsJob, progress: bool) -> Result<LoopOutcome> {
         .iter_mut()
         .map(|j| j as &mut dyn CandidateFilter)
         .collect();
-    let outcome = run_loop(
+    let outcome = run_loop_excluding(
         &skill_id,
         &skill.seeds,
+        exclude,
         &mut source,
         &mut filters,
         job.count,
@@ -593,6 +629,23 @@ mod tests {
             s.candidates,
             s.blank_or_duplicate + 3 + s.surplus + s.accepted
         );
+    }
+
+    #[test]
+    fn excluded_prompts_are_never_accepted() {
+        let mut gen = Scripted {
+            rounds: vec![vec!["a cat", "a dog", "a cow"], vec!["a bird"]],
+            seen_pools: vec![],
+            wanted: vec![],
+        };
+        let exclude = vec!["a dog".to_string(), " a bird ".to_string()];
+        let out = run_loop_excluding("s", &[], &exclude, &mut gen, &mut [], 3, 2, &mut |_, _| {})
+            .unwrap();
+        let texts: Vec<&str> = out.records.iter().map(|r| r.text.as_str()).collect();
+        assert_eq!(texts, ["a cat", "a cow"]);
+        assert_eq!(out.stats.blank_or_duplicate, 2);
+        // Excluded prompts are not in the pool the generator sees.
+        assert_eq!(gen.seen_pools[1], ["a cat", "a cow"]);
     }
 
     #[test]

@@ -1,13 +1,92 @@
 //! `selma run`: the whole SELMA pipeline from one TOML file.
 
+use crate::pipeline::{self, RunOptions, Shard, Stage};
 use anyhow::Result;
 use clap::Args;
+use std::io::IsTerminal;
+use std::path::PathBuf;
 
-/// Arguments of `selma run` (filled in by the pipeline work).
+/// Run the whole SELMA pipeline from a pipeline.toml.
+///
+/// Per skill: prompts (skill + generator + filters) -> images from the
+/// teacher model (image filters keep or drop them) -> one LoRA expert on the
+/// student model; the joint baseline on all skills' data; merges of the
+/// experts; evaluation of base, experts, joint and merges on held-out prompts
+/// -> results.json and report.html. Without a file it runs the embedded
+/// default (examples/tiny.toml: the tiny random model, all five skills).
+///
+/// Every unit of work records the hash of its inputs: a re-run skips what is
+/// done and redoes only what changed; a killed run resumes where it stopped.
+/// With --shard i/n, n processes (Slurm array, Kubernetes indexed Job) share
+/// image generation and expert training on one run directory; a later run
+/// without --shard merges, evaluates and reports.
+///
+/// Example: selma run examples/sd15.toml --run-dir /shared/runs/sd15
 #[derive(Args, Debug)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    /// The pipeline.toml (default: the embedded examples/tiny.toml).
+    #[arg(value_name = "PIPELINE.toml")]
+    pub config: Option<PathBuf>,
+    /// Run directory (default: run.dir of the config, else runs/<config name>).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Do this shard's share of image generation and expert training (i/n, from 0).
+    #[arg(long, value_name = "i/n")]
+    pub shard: Option<Shard>,
+    /// Only these stages (comma-separated): prompts,images,train,merge,eval,report.
+    #[arg(long, value_delimiter = ',', value_name = "STAGES")]
+    pub stages: Option<Vec<Stage>>,
+    /// Redo a stage even if it is done (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<Stage>,
+    /// Print the commented default config (a template) and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
 
 /// Run `selma run`.
-pub fn run(_a: RunArgs) -> Result<()> {
-    anyhow::bail!("selma run is not wired yet")
+pub fn run(a: RunArgs) -> Result<()> {
+    if a.print_default_config {
+        print!("{}", pipeline::config::DEFAULT_CONFIG);
+        return Ok(());
+    }
+    let opts = RunOptions {
+        config: a.config,
+        run_dir: a.run_dir,
+        shard: a.shard,
+        stages: a.stages,
+        force: a.force,
+        progress: !a.quiet && std::io::stderr().is_terminal(),
+    };
+    let t0 = std::time::Instant::now();
+    let s = pipeline::run(opts)?;
+    if s.ran.is_empty() {
+        eprintln!("nothing to do: every selected unit is already done");
+    } else {
+        eprintln!(
+            "ran {} unit(s) in {:.1}s: {}",
+            s.ran.len(),
+            t0.elapsed().as_secs_f64(),
+            s.ran.join(", ")
+        );
+        eprintln!("state of every stage: selma status {}", s.run_dir.display());
+    }
+    if !s.waiting.is_empty() {
+        eprintln!("left for a later run:");
+        for (u, why) in &s.waiting {
+            eprintln!("  {u}: {why}");
+        }
+    }
+    match &s.report {
+        Some(r) if s.waiting.is_empty() => println!("report: {}", r.display()),
+        _ => println!(
+            "run directory: {} (not finished; `selma status {}`)",
+            s.run_dir.display(),
+            s.run_dir.display()
+        ),
+    }
+    Ok(())
 }

@@ -2,12 +2,18 @@
 
 use anyhow::Result;
 use clap::Args;
+use std::path::PathBuf;
 
-/// Arguments of `selma status` (filled in by the pipeline work).
+/// Show each stage's state and counts in a run directory.
 #[derive(Args, Debug)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    /// The run directory.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+}
 
 /// Run `selma status`.
-pub fn run(_a: StatusArgs) -> Result<()> {
-    anyhow::bail!("selma status is not wired yet")
+pub fn run(a: StatusArgs) -> Result<()> {
+    print!("{}", crate::pipeline::status::render(&a.run_dir)?);
+    Ok(())
 }

@@ -1,2 +1,118 @@
 //! `selma run`: the whole SELMA pipeline from one TOML file (config, run
-//! directory with per-stage manifests, resume, sharding, status).
+//! directory with per-unit manifests, resume, sharding, status).
+//!
+//! Data flow (DESIGN.md): per skill, prompts -> images (teacher) + image
+//! filters -> one LoRA expert (student); the joint baseline on all skills'
+//! data; merges of the experts; evaluation of base / experts / joint /
+//! merges on held-out prompts -> results.json -> report.html.
+
+pub mod config;
+pub mod evaluate;
+pub mod plan;
+pub mod stages;
+pub mod status;
+pub mod store;
+
+pub use config::{Loaded, Stage};
+pub use plan::{validate, Plan, RunOptions};
+pub use store::Shard;
+
+use anyhow::Result;
+use std::path::PathBuf;
+
+/// What one invocation did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Units run (not skipped).
+    pub ran: Vec<String>,
+    /// Units left for later (upstream not done, other shards, stages not selected).
+    pub waiting: Vec<(String, String)>,
+    /// The report, when it exists after this invocation.
+    pub report: Option<PathBuf>,
+}
+
+/// Load the config (a file, or the embedded default).
+pub fn load(opts: &RunOptions) -> Result<Loaded> {
+    match &opts.config {
+        Some(p) => Loaded::from_file(p),
+        None => Loaded::embedded(),
+    }
+}
+
+/// Validate, then run the selected stages; finished units are skipped.
+pub fn run(opts: RunOptions) -> Result<RunSummary> {
+    let loaded = load(&opts)?;
+    let plan = validate(loaded, opts)?;
+    execute(&plan)
+}
+
+/// Run a validated plan.
+pub fn execute(plan: &Plan) -> Result<RunSummary> {
+    std::fs::create_dir_all(&plan.dir.root)
+        .map_err(|e| anyhow::anyhow!("creating run directory {}: {e}", plan.dir.root.display()))?;
+    for s in &plan.opts.force {
+        plan.dir.forget_stage(s.name())?;
+        if *s == Stage::Images {
+            for sk in &plan.skills {
+                // Force re-rendering: the partial-images manifests go too.
+                let d = plan.dir.images(&sk.id);
+                if d.is_dir() {
+                    std::fs::remove_dir_all(&d).ok();
+                }
+            }
+        }
+        if *s == Stage::Train {
+            for u in plan.train_units() {
+                std::fs::remove_dir_all(plan.dir.expert_run(&u)).ok();
+            }
+        }
+        if *s == Stage::Eval {
+            std::fs::remove_dir_all(plan.dir.eval().join("images")).ok();
+        }
+    }
+    // Bookkeeping files, rewritten only when they change (a re-run with
+    // nothing to do writes nothing).
+    let mut summary = serde_json::to_vec_pretty(&plan::plan_summary(plan))?;
+    summary.push(b'\n');
+    for (path, bytes) in [
+        (plan.dir.plan(), summary.as_slice()),
+        (
+            plan.dir.root.join("pipeline.toml"),
+            plan.loaded.text.as_bytes(),
+        ),
+    ] {
+        if std::fs::read(&path).ok().as_deref() != Some(bytes) {
+            store::write_atomic(&path, bytes)?;
+        }
+    }
+    let mut ctx = stages::Ctx::default();
+    type StageFn = fn(&Plan, &mut stages::Ctx) -> Result<()>;
+    let steps: [(Stage, StageFn); 6] = [
+        (Stage::Prompts, stages::prompts),
+        (Stage::Images, stages::images),
+        (Stage::Train, stages::train),
+        (Stage::Merge, stages::merge),
+        (Stage::Eval, evaluate::eval),
+        (Stage::Report, evaluate::write_report),
+    ];
+    for (stage, f) in steps {
+        let (t0, before) = (std::time::Instant::now(), ctx.ran.len());
+        f(plan, &mut ctx)?;
+        let ran = ctx.ran.len() - before;
+        if ran > 0 {
+            eprintln!(
+                "{stage}: {ran} unit(s) done in {:.1}s",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let report = plan.dir.report();
+    Ok(RunSummary {
+        run_dir: plan.dir.root.clone(),
+        ran: ctx.ran,
+        waiting: ctx.waiting,
+        report: report.is_file().then_some(report),
+    })
+}

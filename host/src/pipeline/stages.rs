@@ -1,0 +1,828 @@
+//! The producing stages of a run: prompts (per skill), images (per skill,
+//! one file per image, then the image filters), train (one expert per skill
+//! plus the joint baseline, resumable from the trainer's checkpoints) and
+//! merge (one file per `[[merge]]`). Each unit is skipped when its manifest
+//! says it is done with the same inputs.
+
+use super::config::Stage;
+use super::plan::{train_unit, Plan};
+use super::store::{
+    derive_seed, hash_file, hash_json, model_identity, read_jsonl, write_json, write_jsonl,
+    Manifest, RunDir,
+};
+use crate::prompts::{PromptRecord, PromptsJob};
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// What the stages of this invocation know and did.
+#[derive(Default)]
+pub struct Ctx {
+    /// Output hash of every done unit, by unit name.
+    pub outputs: HashMap<String, String>,
+    /// Units run (not skipped) by this invocation.
+    pub ran: Vec<String>,
+    /// Units that could not run yet (missing upstream work), with the reason.
+    pub waiting: Vec<(String, String)>,
+    /// Model identities (computed once).
+    pub model_ids: HashMap<PathBuf, String>,
+}
+
+impl Ctx {
+    /// Identity of a model folder, creating the tiny model first when allowed.
+    pub fn model_id(&mut self, plan: &Plan, dir: &Path) -> Result<String> {
+        if let Some(id) = self.model_ids.get(dir) {
+            return Ok(id.clone());
+        }
+        ensure_model(plan, dir)?;
+        let id = model_identity(dir)?;
+        self.model_ids.insert(dir.to_path_buf(), id.clone());
+        Ok(id)
+    }
+
+    fn done(&mut self, m: &Manifest) {
+        self.outputs.insert(m.unit.clone(), m.output_hash.clone());
+    }
+}
+
+/// Create the tiny random model at `dir` when it is missing and the config allows it.
+pub fn ensure_model(plan: &Plan, dir: &Path) -> Result<()> {
+    if dir.join("model_index.json").is_file() {
+        return Ok(());
+    }
+    let m = &plan.loaded.cfg.models;
+    ensure!(
+        m.init_tiny,
+        "model folder {} is missing (set models.init_tiny = true to create the tiny model)",
+        dir.display()
+    );
+    eprintln!("creating the tiny random model in {}", dir.display());
+    let res =
+        selma_diffusion::init::init_model(selma_diffusion::init::Preset::Tiny, dir, m.init_seed);
+    match res {
+        Ok(_) => Ok(()),
+        // Another shard may have created it at the same time.
+        Err(_) if dir.join("model_index.json").is_file() => Ok(()),
+        Err(e) => Err(e.context(format!("creating the tiny model in {}", dir.display()))),
+    }
+}
+
+/// A progress bar (hidden unless `show`).
+pub fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
+    let b = if show {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{msg:<30}} [{{bar:30}}] {{pos}}/{{len}} {what} {{elapsed}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b
+}
+
+fn manifest(stage: Stage, unit: &str, input: &str, output: &str, done: bool) -> Manifest {
+    Manifest {
+        stage: stage.name().into(),
+        unit: unit.into(),
+        input_hash: input.into(),
+        output_hash: output.into(),
+        done,
+        counts: BTreeMap::new(),
+    }
+}
+
+// ---------------------------------------------------------------- prompts
+
+/// Generate every skill's prompts.
+pub fn prompts(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
+    let cfg = &plan.loaded.cfg;
+    for s in &plan.skills {
+        let unit = format!("prompts:{}", s.id);
+        let seed = derive_seed(plan.seed(), &["prompts", &s.id]);
+        let input = hash_json(&json!({
+            "skill": plan.plugin_id(&s.spec),
+            "generator": [plan.plugin_id(&s.generator), plan.params_json(&s.generator)],
+            "filters": s.filters.iter().map(|f| json!([plan.plugin_id(f), plan.params_json(f)])).collect::<Vec<_>>(),
+            "skill_params": plan.params_json(&s.spec),
+            "count": s.count,
+            "max_rounds": cfg.prompts.max_rounds,
+            "seed": seed,
+            "llm": cfg.llm.as_ref().map(|l| json!([l.endpoint, l.model, l.chat])),
+        }));
+        if let Some(m) = plan
+            .dir
+            .done_with("prompts", &unit, &input, &[plan.dir.prompts(&s.id)])
+        {
+            ctx.done(&m);
+            continue;
+        }
+        if !plan.wants(Stage::Prompts) {
+            ctx.waiting
+                .push((unit, "the prompts stage was not selected".into()));
+            continue;
+        }
+        let job = prompts_job(plan, s, seed, s.count);
+        eprintln!("prompts: {} ({} wanted)", s.id, s.count);
+        let out = crate::prompts::run_job(&job, plan.opts.progress)
+            .with_context(|| format!("skill {}: generating prompts", s.id))?;
+        ensure!(
+            !out.records.is_empty(),
+            "skill {}: the generator and filters accepted no prompt in {} rounds",
+            s.id,
+            out.stats.rounds
+        );
+        if !out.complete {
+            eprintln!(
+                "warning: skill {}: {} of {} prompts (the generator ran dry{})",
+                s.id,
+                out.records.len(),
+                s.count,
+                if out.stats.stalled { ", stalled" } else { "" }
+            );
+        }
+        let path = plan.dir.prompts(&s.id);
+        crate::prompts::write_jsonl(&path, &out.records)?;
+        write_json(
+            &plan.dir.skill_dir(&s.id).join("prompts.stats.json"),
+            &out.stats,
+        )?;
+        let mut m = manifest(Stage::Prompts, &unit, &input, &hash_file(&path)?, true);
+        m.counts.insert("prompts".into(), out.records.len() as f64);
+        m.counts.insert("wanted".into(), s.count as f64);
+        m.counts.insert("rounds".into(), out.stats.rounds as f64);
+        plan.dir.write_manifest(&m)?;
+        ctx.done(&m);
+        ctx.ran.push(unit);
+    }
+    Ok(())
+}
+
+/// The prompts job of a skill.
+pub fn prompts_job(plan: &Plan, s: &super::plan::SkillPlan, seed: u64, count: usize) -> PromptsJob {
+    let mut params = plan.params_strings(&s.generator);
+    for f in &s.filters {
+        params.extend(plan.params_strings(f));
+    }
+    params.extend(plan.params_strings(&s.spec));
+    params.sort();
+    params.dedup();
+    PromptsJob {
+        skill: s.spec.clone(),
+        generator: s.generator.clone(),
+        filters: s.filters.clone(),
+        params,
+        count,
+        max_rounds: plan.loaded.cfg.prompts.max_rounds,
+        seed,
+        llm: plan.llm.clone(),
+        llm_grants: plan
+            .loaded
+            .cfg
+            .llm
+            .as_ref()
+            .map(|l| l.grants.clone())
+            .unwrap_or_default(),
+    }
+}
+
+// ---------------------------------------------------------------- images
+
+/// One image's name in a skill's folder.
+pub fn image_name(prompt: usize, image: usize) -> String {
+    format!("{prompt:05}-{image}.png")
+}
+
+/// One line of `<skill>/images/verdicts.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageVerdictRecord {
+    pub file_name: String,
+    pub text: String,
+    pub seed: u64,
+    pub keep: bool,
+    /// Score of each image filter, by plugin name.
+    pub scores: BTreeMap<String, f64>,
+    pub reason: Option<String>,
+}
+
+/// Settings that define generated images (for input hashes).
+fn image_settings(plan: &Plan) -> serde_json::Value {
+    let im = &plan.loaded.cfg.images;
+    json!({
+        "per_prompt": im.per_prompt, "steps": im.steps, "guidance": im.guidance,
+        "scheduler": im.scheduler.get_ref(), "eta": im.eta, "width": im.width,
+        "height": im.height, "negative": im.negative, "dtype": plan.loaded.cfg.run.dtype,
+    })
+}
+
+/// Remove a folder's PNGs and listing files (stale images of other inputs).
+fn clear_images(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_file() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Load a diffusers folder with the run's device and dtype.
+pub fn load_model(plan: &Plan, dir: &Path) -> Result<selma_diffusion::pipeline::StableDiffusion> {
+    let device = selma_diffusion::pipeline::parse_device(&plan.loaded.cfg.run.device)?;
+    let dtype = selma_diffusion::pipeline::parse_dtype(&plan.loaded.cfg.run.dtype)?;
+    selma_diffusion::pipeline::StableDiffusion::load(dir, &device, dtype)
+        .with_context(|| format!("loading the model {}", dir.display()))
+}
+
+/// Render one image and write it (atomically) as a PNG with its parameters.
+#[allow(clippy::too_many_arguments)]
+pub fn render_png(
+    sd: &selma_diffusion::pipeline::StableDiffusion,
+    plan: &Plan,
+    prompt: &str,
+    seed: u64,
+    steps: usize,
+    guidance: f64,
+    out: &Path,
+    note: &str,
+) -> Result<()> {
+    use selma_diffusion::pipeline::{GenerateRequest, InitNoise};
+    use selma_diffusion::scheduler::{SamplerOptions, SchedulerKind};
+    let im = &plan.loaded.cfg.images;
+    let f = sd.vae_scale();
+    let native = sd.unet.config().sample_size.unwrap_or(64) * f;
+    let (w, h) = (im.width.unwrap_or(native), im.height.unwrap_or(native));
+    let scheduler: SchedulerKind = im.scheduler.get_ref().parse()?;
+    let req = GenerateRequest {
+        prompt: prompt.to_string(),
+        negative: im.negative.clone(),
+        steps,
+        guidance,
+        scheduler,
+        sampler: SamplerOptions {
+            eta: im.eta,
+            karras: None,
+        },
+        width: w,
+        height: h,
+        batch: 1,
+        init: InitNoise::Seed(seed),
+        noise_seed: seed,
+    };
+    let img = sd
+        .generate(&req, &mut |_, _| {})
+        .with_context(|| format!("rendering {prompt:?}"))?
+        .remove(0);
+    let params = format!(
+        "{prompt}\nSteps: {steps}, Sampler: {scheduler}, CFG scale: {guidance}, Seed: {seed}, Size: {}x{}, {note}",
+        img.width, img.height
+    );
+    selma_diffusion::image_io::write_png(out, img.width, img.height, &img.pixels, &params)
+}
+
+/// Read a PNG as the runtime's image type.
+pub fn read_rgb(path: &Path) -> Result<selma_runtime::RgbImage> {
+    let png = selma_diffusion::image_io::read_png(path)?;
+    Ok(selma_runtime::RgbImage {
+        width: png.width as u32,
+        height: png.height as u32,
+        pixels: png.rgb,
+        non_finite: 0.0,
+    })
+}
+
+/// Render every skill's images (this shard's share), then run the image
+/// filters on each skill whose images are complete.
+pub fn images(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
+    let im = &plan.loaded.cfg.images;
+    let shard = plan.opts.shard;
+    // Pass 1: units and pending work.
+    struct Todo {
+        skill: String,
+        unit: String,
+        input: String,
+        files: Vec<(String, String, u64)>, // (file, prompt, seed)
+        mine: Vec<usize>,
+    }
+    let mut todos = vec![];
+    // Shard split by prompt: skill k's prompt i is unit (sum of the configured
+    // counts of skills before k) + i, the same whatever is already done.
+    let mut offset = 0usize;
+    for s in &plan.skills {
+        let base = offset;
+        offset += s.count;
+        let unit = format!("images:{}", s.id);
+        let Some(prompts_hash) = ctx.outputs.get(&format!("prompts:{}", s.id)).cloned() else {
+            ctx.waiting
+                .push((unit, format!("prompts of {} are not done", s.id)));
+            continue;
+        };
+        let teacher = ctx.model_id(plan, &plan.teacher)?;
+        let input = hash_json(&json!({
+            "prompts": prompts_hash, "teacher": teacher, "settings": image_settings(plan),
+            "seed": plan.seed(),
+        }));
+        let records: Vec<PromptRecord> = read_jsonl(&plan.dir.prompts(&s.id))?;
+        let mut files = vec![];
+        let mut mine = vec![];
+        for (i, r) in records.iter().enumerate() {
+            let owned = shard.is_none_or(|sh| sh.owns(base + i));
+            for j in 0..im.per_prompt {
+                let seed = derive_seed(
+                    plan.seed(),
+                    &["image", &s.id, &i.to_string(), &j.to_string()],
+                );
+                if owned {
+                    mine.push(files.len());
+                }
+                files.push((image_name(i, j), r.text.clone(), seed));
+            }
+        }
+        let dir = plan.dir.images(&s.id);
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(&f.0)).collect();
+        if let Some(m) = plan.dir.done_with("images", &unit, &input, &paths) {
+            ctx.done(&m);
+            continue;
+        }
+        // Without the images stage selected, images rendered earlier (by
+        // other shards) for these very inputs are still finalised below.
+        let partial_same = plan
+            .dir
+            .manifest("images", &unit)
+            .is_some_and(|m| m.input_hash == input);
+        if !plan.wants(Stage::Images) && !partial_same {
+            ctx.waiting
+                .push((unit, "the images stage was not selected".into()));
+            continue;
+        }
+        if !plan.wants(Stage::Images) {
+            mine.clear();
+        }
+        todos.push(Todo {
+            skill: s.id.clone(),
+            unit,
+            input,
+            files,
+            mine,
+        });
+    }
+    // Pass 2: render.
+    let mut pending = 0u64;
+    for t in &todos {
+        let dir = plan.dir.images(&t.skill);
+        match plan.dir.manifest("images", &t.unit) {
+            Some(m) if m.input_hash == t.input => {}
+            _ => {
+                clear_images(&dir)?;
+                plan.dir
+                    .write_manifest(&manifest(Stage::Images, &t.unit, &t.input, "", false))?;
+            }
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        pending += t
+            .mine
+            .iter()
+            .filter(|&&k| !dir.join(&t.files[k].0).is_file())
+            .count() as u64;
+    }
+    if pending > 0 {
+        let sd = load_model(plan, &plan.teacher)?;
+        let b = bar(plan.opts.progress, pending, "images");
+        for t in &todos {
+            let dir = plan.dir.images(&t.skill);
+            b.set_message(format!("images {}", t.skill));
+            for &k in &t.mine {
+                let (file, prompt, seed) = &t.files[k];
+                let out = dir.join(file);
+                if out.is_file() {
+                    continue;
+                }
+                render_png(
+                    &sd,
+                    plan,
+                    prompt,
+                    *seed,
+                    im.steps,
+                    im.guidance,
+                    &out,
+                    "teacher",
+                )?;
+                b.inc(1);
+            }
+        }
+        b.finish_and_clear();
+    }
+    // Pass 3: complete skills get their manifest.
+    for t in &todos {
+        let dir = plan.dir.images(&t.skill);
+        let missing = t.files.iter().filter(|f| !dir.join(&f.0).is_file()).count();
+        if missing > 0 {
+            ctx.waiting.push((
+                t.unit.clone(),
+                format!(
+                    "{missing} of {} images are not rendered yet (other shards?)",
+                    t.files.len()
+                ),
+            ));
+            continue;
+        }
+        let mut hashes = vec![];
+        for (f, p, s) in &t.files {
+            hashes.push(json!([f, p, s, hash_file(&dir.join(f))?]));
+        }
+        let out = hash_json(&json!(hashes));
+        let mut m = manifest(Stage::Images, &t.unit, &t.input, &out, true);
+        m.counts.insert("images".into(), t.files.len() as f64);
+        plan.dir.write_manifest(&m)?;
+        ctx.done(&m);
+        ctx.ran.push(t.unit.clone());
+    }
+    filters(plan, ctx)
+}
+
+/// Run the image filters on every skill whose images are done (also when
+/// the images stage is not selected: it is bookkeeping on finished images).
+fn filters(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
+    let im = &plan.loaded.cfg.images;
+    let mut runtime = None;
+    for s in &plan.skills {
+        let unit = format!("filter:{}", s.id);
+        let Some(images_hash) = ctx.outputs.get(&format!("images:{}", s.id)).cloned() else {
+            ctx.waiting
+                .push((unit, format!("images of {} are not done", s.id)));
+            continue;
+        };
+        let input = hash_json(&json!({
+            "images": images_hash,
+            "filters": plan.image_filters.iter().map(|f| json!([plan.plugin_id(f), plan.params_json(f)])).collect::<Vec<_>>(),
+            "seed": plan.seed(),
+        }));
+        if let Some(m) = plan.dir.done_with(
+            "images",
+            &unit,
+            &input,
+            &[plan.dir.images(&s.id).join("metadata.jsonl")],
+        ) {
+            ctx.done(&m);
+            continue;
+        }
+        if runtime.is_none() {
+            let rt = plan.runtime(derive_seed(plan.seed(), &["image-filters"]))?;
+            let mut loaded = vec![];
+            for f in &plan.image_filters {
+                let p = rt
+                    .image_filter(f)
+                    .with_context(|| format!("loading image filter {f:?}"))?;
+                let params = p.params_toml(&plan.params_of(f))?;
+                loaded.push((p, params));
+            }
+            runtime = Some((rt, loaded));
+        }
+        let (_, loaded) = runtime.as_mut().expect("set above");
+        let dir = plan.dir.images(&s.id);
+        let records: Vec<PromptRecord> = read_jsonl(&plan.dir.prompts(&s.id))?;
+        let mut verdicts = vec![];
+        let mut passed: Vec<usize> = vec![0; loaded.len()];
+        for (i, r) in records.iter().enumerate() {
+            for j in 0..im.per_prompt {
+                let file = image_name(i, j);
+                let seed = derive_seed(
+                    plan.seed(),
+                    &["image", &s.id, &i.to_string(), &j.to_string()],
+                );
+                let img = read_rgb(&dir.join(&file))?;
+                let mut v = ImageVerdictRecord {
+                    file_name: file,
+                    text: r.text.clone(),
+                    seed,
+                    keep: true,
+                    scores: BTreeMap::new(),
+                    reason: None,
+                };
+                for (k, (p, params)) in loaded.iter_mut().enumerate() {
+                    let verdict = p.check(&img, &r.text, params).with_context(|| {
+                        format!("image filter {:?} on {}", p.name(), v.file_name)
+                    })?;
+                    v.scores.insert(p.name().to_string(), verdict.score as f64);
+                    if verdict.keep {
+                        passed[k] += 1;
+                    } else if v.keep {
+                        v.keep = false;
+                        v.reason = Some(format!(
+                            "{}: {}",
+                            p.name(),
+                            verdict.reason.unwrap_or_default()
+                        ));
+                    }
+                }
+                verdicts.push(v);
+            }
+        }
+        let kept: Vec<serde_json::Value> = verdicts
+            .iter()
+            .filter(|v| v.keep)
+            .map(|v| json!({"file_name": v.file_name, "text": v.text}))
+            .collect();
+        ensure!(
+            !kept.is_empty(),
+            "skill {}: the image filters kept none of its {} images (see {}); loosen their [params] or drop them",
+            s.id,
+            verdicts.len(),
+            dir.join("verdicts.jsonl").display()
+        );
+        write_jsonl(&dir.join("verdicts.jsonl"), &verdicts)?;
+        let meta = dir.join("metadata.jsonl");
+        write_jsonl(&meta, &kept)?;
+        let out = hash_json(&json!([images_hash, hash_file(&meta)?]));
+        let mut m = manifest(Stage::Images, &unit, &input, &out, true);
+        m.counts.insert("generated".into(), verdicts.len() as f64);
+        m.counts.insert("kept".into(), kept.len() as f64);
+        m.counts.insert(
+            "pass_rate".into(),
+            kept.len() as f64 / verdicts.len() as f64,
+        );
+        for ((p, _), n) in loaded.iter().zip(&passed) {
+            m.counts.insert(
+                format!("pass_rate:{}", p.name()),
+                *n as f64 / verdicts.len() as f64,
+            );
+        }
+        plan.dir.write_manifest(&m)?;
+        ctx.done(&m);
+        ctx.ran.push(unit);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- train
+
+/// The joint baseline's dataset: every skill's kept images.
+fn write_joint_data(plan: &Plan, dir: &RunDir) -> Result<PathBuf> {
+    let data = dir.experts().join("joint.data");
+    let mut rows = vec![];
+    for s in &plan.skills {
+        let meta: Vec<serde_json::Value> = read_jsonl(&dir.images(&s.id).join("metadata.jsonl"))?;
+        for mut r in meta {
+            let f = r["file_name"].as_str().unwrap_or_default().to_string();
+            r["file_name"] = json!(format!("../../{}/images/{f}", s.id));
+            rows.push(r);
+        }
+    }
+    write_jsonl(&data.join("metadata.jsonl"), &rows)?;
+    Ok(data)
+}
+
+/// Keep the loss log's lines up to `step` (a resumed run appends from there).
+fn truncate_loss_log(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    super::store::write_atomic(path, kept.as_bytes())
+}
+
+/// Does the folder hold a finished checkpoint?
+fn has_checkpoint(run: &Path) -> bool {
+    std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir())
+}
+
+/// Train every expert (this shard's share) and the joint baseline.
+pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
+    let cfg = &plan.loaded.cfg;
+    for (k, name) in plan.train_units().iter().enumerate() {
+        let unit = train_unit(name);
+        let skills: Vec<&str> = if name == "joint" {
+            plan.skills.iter().map(|s| s.id.as_str()).collect()
+        } else {
+            vec![name.as_str()]
+        };
+        let mut data_hashes = vec![];
+        let mut missing = None;
+        for s in &skills {
+            match ctx.outputs.get(&format!("filter:{s}")) {
+                Some(h) => data_hashes.push(h.clone()),
+                None => missing = Some(*s),
+            }
+        }
+        if let Some(s) = missing {
+            ctx.waiting
+                .push((unit, format!("images of {s} are not done")));
+            continue;
+        }
+        let student = ctx.model_id(plan, &plan.student)?;
+        let steps = if name == "joint" {
+            cfg.train.joint_steps.unwrap_or(cfg.train.steps)
+        } else {
+            cfg.train.steps
+        };
+        let seed = derive_seed(plan.seed(), &["train", name]);
+        let input = hash_json(&json!({
+            "train": serde_json::to_value(&cfg.train)?, "steps": steps, "student": student,
+            "data": data_hashes, "seed": seed, "dtype": cfg.run.dtype,
+        }));
+        if let Some(m) = plan
+            .dir
+            .done_with("train", &unit, &input, &[plan.dir.expert(name)])
+        {
+            ctx.done(&m);
+            continue;
+        }
+        if !plan.wants(Stage::Train) {
+            ctx.waiting
+                .push((unit, "the train stage was not selected".into()));
+            continue;
+        }
+        if let Some(sh) = plan.opts.shard {
+            if !sh.owns(k) {
+                ctx.waiting.push((
+                    unit,
+                    format!("belongs to shard {}/{}", k % sh.count, sh.count),
+                ));
+                continue;
+            }
+        }
+        let run = plan.dir.expert_run(name);
+        let marker = run.join("selma-input");
+        let same = std::fs::read_to_string(&marker).is_ok_and(|s| s.trim() == input);
+        if !same && run.exists() {
+            std::fs::remove_dir_all(&run).with_context(|| format!("clearing {}", run.display()))?;
+        }
+        std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
+        super::store::write_atomic(&marker, input.as_bytes())?;
+        let data = if name == "joint" {
+            write_joint_data(plan, &plan.dir)?
+        } else {
+            plan.dir.images(name)
+        };
+        let t = &cfg.train;
+        let tc = selma_train::trainer::TrainConfig {
+            model: plan.student.clone(),
+            data,
+            out: plan.dir.expert(name),
+            run_dir: Some(run.clone()),
+            rank: t.rank,
+            alpha: t.alpha,
+            targets: t.targets.clone(),
+            steps,
+            batch: t.batch,
+            grad_accum: t.grad_accum,
+            lr: t.lr,
+            lr_schedule: t.lr_schedule.clone(),
+            warmup_steps: t.warmup_steps,
+            resolution: t.resolution,
+            seed,
+            save_every: t.save_every,
+            keep_checkpoints: 2,
+            format: t.format.clone(),
+            random_flip: t.random_flip,
+            min_snr_gamma: t.min_snr_gamma,
+            noise_offset: t.noise_offset,
+            device: cfg.run.device.clone(),
+            dtype: cfg.run.dtype.clone(),
+            ..Default::default()
+        };
+        let tc = super::plan::apply_train_extra(tc, &t.extra)?;
+        let mut trainer =
+            selma_train::trainer::Trainer::new(tc).with_context(|| format!("training {unit}"))?;
+        if same && has_checkpoint(&run) {
+            trainer
+                .resume(&run)
+                .with_context(|| format!("resuming {unit} from {}", run.display()))?;
+            eprintln!("train: {unit}: resuming from step {}", trainer.state.step);
+        } else {
+            eprintln!(
+                "train: {unit}: {} images, {steps} updates",
+                trainer.dataset.len()
+            );
+        }
+        truncate_loss_log(&run.join("loss.jsonl"), trainer.state.step)?;
+        let b = bar(plan.opts.progress, steps, "updates");
+        b.set_message(unit.clone());
+        b.set_position(trainer.state.step);
+        let mut last = f64::NAN;
+        trainer.run(|s| {
+            b.set_position(s.step);
+            b.set_message(format!("{unit} loss {:.4}", s.loss));
+            last = s.loss;
+        })?;
+        b.finish_and_clear();
+        let out = hash_file(&plan.dir.expert(name))?;
+        let mut m = manifest(Stage::Train, &unit, &input, &out, true);
+        m.counts.insert("updates".into(), steps as f64);
+        m.counts
+            .insert("images".into(), trainer.dataset.len() as f64);
+        if last.is_finite() {
+            m.counts.insert("last_loss".into(), last);
+        }
+        plan.dir.write_manifest(&m)?;
+        ctx.done(&m);
+        ctx.ran.push(unit);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- merge
+
+/// Merge the experts with every configured strategy.
+pub fn merge(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
+    let cfg = &plan.loaded.cfg;
+    for mp in &plan.merges {
+        let unit = format!("merged:{}", mp.name);
+        let mut experts = vec![];
+        let mut missing = None;
+        for s in &plan.skills {
+            match ctx.outputs.get(&format!("expert:{}", s.id)) {
+                Some(h) => experts.push(h.clone()),
+                None => missing = Some(s.id.clone()),
+            }
+        }
+        if let Some(s) = missing {
+            ctx.waiting
+                .push((unit, format!("expert {s} is not trained")));
+            continue;
+        }
+        let seed = derive_seed(plan.seed(), &["merge", &mp.name]);
+        let input = hash_json(&json!({
+            "strategy": plan.plugin_id(&mp.spec), "params": serde_json::to_value(&mp.params)?,
+            "weights": mp.weights, "rank": mp.rank, "experts": experts, "seed": seed,
+            "format": cfg.train.format,
+        }));
+        if let Some(m) = plan
+            .dir
+            .done_with("merge", &unit, &input, &[plan.dir.merged(&mp.name)])
+        {
+            ctx.done(&m);
+            continue;
+        }
+        if !plan.wants(Stage::Merge) || plan.opts.shard.is_some() {
+            ctx.waiting.push((
+                unit,
+                "merges run in an unsharded run with the merge stage".into(),
+            ));
+            continue;
+        }
+        eprintln!("merge: {} experts with {}", plan.skills.len(), mp.name);
+        let paths: Vec<PathBuf> = plan.skills.iter().map(|s| plan.dir.expert(&s.id)).collect();
+        let inputs = crate::merge::load_inputs(&paths)?;
+        let rt = plan.runtime(seed)?;
+        let plugin = rt
+            .merge_strategy(&mp.spec)
+            .with_context(|| format!("loading merge strategy {:?}", mp.spec))?;
+        let params = plugin.params_toml(&mp.params)?;
+        let mut merger = crate::merge::PluginMerger { plugin, params };
+        let merged = crate::merge::merge(
+            &inputs,
+            &mut merger,
+            &crate::merge::MergeOptions {
+                weights: mp.weights.clone(),
+                rank: mp.rank,
+                progress: plan.opts.progress,
+            },
+        )
+        .with_context(|| format!("merging with {}", mp.name))?;
+        let out_path = plan.dir.merged(&mp.name);
+        if let Some(p) = out_path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let fmt: selma_lora::LoraFormat = cfg.train.format.parse()?;
+        merged
+            .save(&out_path, fmt)
+            .with_context(|| format!("writing {}", out_path.display()))?;
+        let mut m = manifest(Stage::Merge, &unit, &input, &hash_file(&out_path)?, true);
+        m.counts.insert("layers".into(), merged.layers.len() as f64);
+        plan.dir.write_manifest(&m)?;
+        ctx.done(&m);
+        ctx.ran.push(unit);
+    }
+    Ok(())
+}
+
+/// Error out when upstream work is missing and this was not a partial run.
+pub fn require(ctx: &Ctx, unit: &str) -> Result<String> {
+    match ctx.outputs.get(unit) {
+        Some(h) => Ok(h.clone()),
+        None => bail!("{unit} is not done"),
+    }
+}
