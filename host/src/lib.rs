@@ -13,3 +13,4 @@ pub mod merge;
 pub mod pipeline;
 pub mod prompts;
 pub mod report;
+pub mod tuning;

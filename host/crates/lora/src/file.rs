@@ -235,7 +235,7 @@ impl LoraFile {
     /// Serialize to safetensors bytes in `format` (f32 tensors).
     pub fn to_bytes(&self, format: LoraFormat) -> Result<Vec<u8>> {
         let mut tensors: Vec<(String, RawF32)> = Vec::new();
-        let mut metadata: HashMap<String, String> = self
+        let mut metadata: BTreeMap<String, String> = self
             .metadata
             .iter()
             .filter(|(k, _)| !OWN_METADATA.contains(&k.as_str()))
@@ -287,7 +287,7 @@ impl LoraFile {
                 bail!("two modules map to the same key {k:?}");
             }
         }
-        Ok(safetensors::serialize(tensors, Some(metadata))?)
+        Ok(serialize_sorted(tensors, &metadata))
     }
 
     /// Write to `path` in `format`: to a temporary file next to it, then rename.
@@ -455,6 +455,53 @@ fn view_to_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
 }
 
 /// An owned f32 tensor in safetensors byte form.
+/// safetensors bytes with the header's keys and the data in name order, so
+/// that the same adapter always gives the same bytes (the safetensors crate
+/// takes the metadata as a `HashMap`, whose order changes with every map).
+/// Layout: u64 LE header length, the JSON header padded with spaces to a
+/// multiple of 8, then each tensor's little-endian data.
+fn serialize_sorted(
+    mut tensors: Vec<(String, RawF32)>,
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let q = |s: &str| serde_json::Value::from(s).to_string();
+    let mut header = String::from("{");
+    if !metadata.is_empty() {
+        let entries: Vec<String> = metadata
+            .iter()
+            .map(|(k, v)| format!("{}:{}", q(k), q(v)))
+            .collect();
+        header.push_str(&format!("\"__metadata__\":{{{}}}", entries.join(",")));
+    }
+    let mut offset = 0usize;
+    for (name, t) in &tensors {
+        if header.len() > 1 {
+            header.push(',');
+        }
+        let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+        header.push_str(&format!(
+            "{}:{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+            q(name),
+            shape.join(","),
+            offset,
+            offset + t.data.len()
+        ));
+        offset += t.data.len();
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for (_, t) in &tensors {
+        out.extend_from_slice(&t.data);
+    }
+    out
+}
+
 struct RawF32 {
     shape: Vec<usize>,
     data: Vec<u8>,
@@ -470,6 +517,7 @@ impl RawF32 {
     }
 }
 
+#[cfg(test)]
 impl View for RawF32 {
     fn dtype(&self) -> Dtype {
         Dtype::F32
@@ -517,4 +565,65 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             path.display()
         )
     })
+}
+
+#[cfg(test)]
+mod serialize_tests {
+    use super::*;
+
+    fn raw(shape: &[usize], vals: &[f32]) -> RawF32 {
+        RawF32 {
+            shape: shape.to_vec(),
+            data: vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    #[test]
+    fn sorted_serializer_is_stable_and_reads_like_the_reference() {
+        let tensors = || {
+            vec![
+                ("b.lora_B.weight".to_string(), raw(&[2, 1], &[1.0, 2.0])),
+                (
+                    "a.lora_A.weight".to_string(),
+                    raw(&[1, 3], &[3.0, -4.0, 5.5]),
+                ),
+                ("a.alpha".to_string(), raw(&[], &[8.0])),
+            ]
+        };
+        let meta: BTreeMap<String, String> = [("rank", "1"), ("format", "pt"), ("x\"y", "q\\z")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let ours = serialize_sorted(tensors(), &meta);
+        assert_eq!(
+            ours,
+            serialize_sorted(tensors().into_iter().rev().collect(), &meta)
+        );
+        let header_len = u64::from_le_bytes(ours[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let reference = safetensors::serialize(
+            tensors(),
+            Some(meta.clone().into_iter().collect::<HashMap<_, _>>()),
+        )
+        .unwrap();
+        let (a, b) = (
+            SafeTensors::deserialize(&ours).unwrap(),
+            SafeTensors::deserialize(&reference).unwrap(),
+        );
+        let mut names = a.names();
+        names.sort();
+        let mut ref_names = b.names();
+        ref_names.sort();
+        assert_eq!(names, ref_names);
+        for n in names {
+            let (x, y) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
+            assert_eq!(
+                (x.dtype(), x.shape(), x.data()),
+                (y.dtype(), y.shape(), y.data())
+            );
+        }
+        let (_, ma) = SafeTensors::read_metadata(&ours).unwrap();
+        let (_, mb) = SafeTensors::read_metadata(&reference).unwrap();
+        assert_eq!(ma.metadata(), mb.metadata());
+    }
 }
