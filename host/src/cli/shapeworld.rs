@@ -1,9 +1,17 @@
 //! `selma shapeworld`: render ShapeWorld datasets (PNG folder +
-//! metadata.jsonl) and draw caption sets for evaluation, over the
-//! `selma-shapeworld` crate.
+//! metadata.jsonl), draw caption sets for evaluation, and measure a model's
+//! verifier accuracy per skill (`eval`, over `crate::experiment`).
 
-use anyhow::{Context, Result};
+use crate::experiment::{
+    self,
+    eval::{parse_lora_variant, parse_skills},
+    EvalConfig, SampleSettings, Variant,
+};
+use anyhow::{ensure, Context, Result};
 use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use selma_diffusion::pipeline::parse_device;
+use selma_diffusion::scheduler::SchedulerKind;
 use selma_shapeworld::{
     sample_caption, write_dataset, DatasetOptions, Form, Mix, SampleOptions, SplitMix64,
 };
@@ -18,6 +26,10 @@ pub enum ShapeworldCommand {
     Render(RenderArgs),
     /// Print N captions of one form (one per line), e.g. an evaluation prompt set.
     Prompts(PromptsArgs),
+    /// Verifier accuracy per skill of a model and LoRA variants, with paired tests.
+    Eval(Box<EvalArgs>),
+    /// Self-generate a dataset: a model renders a prompt file, the verifier judges.
+    Selfgen(SelfgenArgs),
 }
 
 /// Render a ShapeWorld dataset.
@@ -81,11 +93,252 @@ pub struct PromptsArgs {
     pub out: Option<PathBuf>,
 }
 
+/// Measure verifier accuracy per skill.
+///
+/// Draws --prompts-per-skill held-out captions per skill with --prompt-seed
+/// (the list `selma shapeworld prompts --skill K --seed S` prints), renders
+/// each once per noise seed with the base model and with the base plus each
+/// --lora (same prompts, same noise), and judges every image with the
+/// verifier plugin. Prints pass rates with 95% Wilson intervals, count
+/// accuracy per number of objects, and each LoRA's paired change against the
+/// base (bootstrap 95% interval over prompts, exact McNemar p); --out writes
+/// all of it with every per-image verdict as JSON. Never use an evaluation
+/// prompt seed for tuning.
+///
+/// Example: selma shapeworld eval --model models/shapeworld-base --lora count=count.safetensors --out results.json
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Diffusers model folder (the base).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A LoRA variant NAME=FILE (weight 1; repeatable).
+    #[arg(long = "lora", value_name = "NAME=FILE")]
+    pub loras: Vec<String>,
+    /// Skills, comma-separated: single, count, binding, spatial (plural too).
+    #[arg(long, default_value = "single,count,binding,spatial")]
+    pub skills: String,
+    /// Prompts drawn per skill.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub prompts_per_skill: usize,
+    /// Seed of the prompt draw.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub prompt_seed: u64,
+    /// Noise seeds: every prompt is rendered once per seed.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "11,22",
+        value_name = "S,S"
+    )]
+    pub noise_seeds: Vec<u64>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 1.5, value_name = "G")]
+    pub guidance: f64,
+    /// Sampler: ddim, euler, euler-a or dpm++2m.
+    #[arg(long, default_value = "ddim", value_name = "NAME")]
+    pub scheduler: SchedulerKind,
+    /// DDIM eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0, value_name = "E")]
+    pub eta: f64,
+    /// Images rendered per batch.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub batch: usize,
+    /// The image-filter plugin that judges (bundled name or .wasm path).
+    #[arg(long, default_value = "shapeworld-verifier", value_name = "PLUGIN")]
+    pub verifier: String,
+    /// Bootstrap resamples of the paired difference.
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub bootstrap_seed: u64,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEV")]
+    pub device: String,
+    /// Write the results (tables and every verdict) as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Write every image as DIR/VARIANT/SKILL-INDEX-NOISESEED.png.
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    ensure!(a.steps >= 1, "--steps must be at least 1");
+    ensure!(a.eta >= 0.0, "--eta must be >= 0");
+    let mut variants = vec![Variant {
+        name: "base".into(),
+        lora: None,
+    }];
+    for l in &a.loras {
+        variants.push(parse_lora_variant(l)?);
+    }
+    let cfg = EvalConfig {
+        model: a.model.clone(),
+        variants,
+        skills: parse_skills(&a.skills)?,
+        prompts_per_skill: a.prompts_per_skill,
+        prompt_seed: a.prompt_seed,
+        noise_seeds: a.noise_seeds.clone(),
+        sample: SampleSettings {
+            steps: a.steps,
+            guidance: a.guidance,
+            scheduler: a.scheduler,
+            eta: a.eta,
+        },
+        batch: a.batch,
+        images: a.images.clone(),
+        device: parse_device(&a.device)?,
+        bootstrap_resamples: a.bootstrap,
+        bootstrap_seed: a.bootstrap_seed,
+        verifier: a.verifier.clone(),
+    };
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} image {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let t = Instant::now();
+    let report = experiment::eval::run(&cfg, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    print!("{}", report.table());
+    let n: usize = report.variants.iter().map(|v| v.pass.len()).sum();
+    eprintln!(
+        "{n} images in {:.1} s ({:.3} s/image)",
+        t.elapsed().as_secs_f64(),
+        t.elapsed().as_secs_f64() / n.max(1) as f64
+    );
+    if let Some(out) = &a.out {
+        report.write(out)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Self-generate training data with the verifier as image filter.
+///
+/// Renders prompt i of --prompts (one per line) from noise seeded --seed + i
+/// in batches, judges each image with the verifier, and writes a dataset
+/// folder (NNNNN.png + metadata.jsonl with file_name, text, seed, score,
+/// keep) for `selma train --data`; --only-passing drops rejected images.
+///
+/// Example: selma shapeworld selfgen --model base --prompts count.txt --seed 7 --only-passing --out data/count
+#[derive(Args, Debug)]
+pub struct SelfgenArgs {
+    /// Diffusers model folder.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Prompt file, one per line (blank and `#` lines skipped).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: PathBuf,
+    /// Seed of the first image (image i uses seed + i).
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Output dataset folder (new).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Write only the images the verifier passes.
+    #[arg(long)]
+    pub only_passing: bool,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 25)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 1.5, value_name = "G")]
+    pub guidance: f64,
+    /// Sampler: ddim, euler, euler-a or dpm++2m.
+    #[arg(long, default_value = "ddim", value_name = "NAME")]
+    pub scheduler: SchedulerKind,
+    /// Images rendered per batch.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub batch: usize,
+    /// The image-filter plugin that judges.
+    #[arg(long, default_value = "shapeworld-verifier", value_name = "PLUGIN")]
+    pub verifier: String,
+    /// Device: cpu or cuda:N.
+    #[arg(long, default_value = "cpu", value_name = "DEV")]
+    pub device: String,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+fn selfgen(a: SelfgenArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.prompts)
+        .with_context(|| format!("reading prompts file {}", a.prompts.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    ensure!(
+        !prompts.is_empty(),
+        "prompts file {} has no prompts (one per line)",
+        a.prompts.display()
+    );
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    let t = Instant::now();
+    let s = experiment::selfgen::self_generate(
+        &a.model,
+        &parse_device(&a.device)?,
+        &prompts,
+        a.seed,
+        &SampleSettings {
+            steps: a.steps,
+            guidance: a.guidance,
+            scheduler: a.scheduler,
+            eta: 0.0,
+        },
+        a.batch,
+        &a.verifier,
+        a.only_passing,
+        &a.out,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "rendered {} images in {:.1} s: {} passed ({:.3}), {} written to {}",
+        s.rendered,
+        t.elapsed().as_secs_f64(),
+        s.passed,
+        s.passed as f64 / s.rendered as f64,
+        s.written,
+        a.out.display()
+    );
+    Ok(())
+}
+
 /// Run a `selma shapeworld` subcommand.
 pub fn run(c: ShapeworldCommand) -> Result<()> {
     match c {
         ShapeworldCommand::Render(a) => render(a),
         ShapeworldCommand::Prompts(a) => prompts(a),
+        ShapeworldCommand::Eval(a) => eval(*a),
+        ShapeworldCommand::Selfgen(a) => selfgen(a),
     }
 }
 
