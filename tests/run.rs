@@ -236,6 +236,22 @@ fn end_to_end_then_nothing_to_do_then_only_what_changed() {
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
     assert!(html.contains("data:image/png;base64,"));
     assert!(!html.contains("src=\"eval/"));
+    // ... and a real browser shows the table and every one of them (must-show 5
+    // on the pipeline's own page, beside tests/report.rs).
+    let dom = support::browser::dump_dom(&run.join("report.html"));
+    let total = support::browser::body_attr(&dom, "data-images-total").unwrap_or(0);
+    let loaded = support::browser::body_attr(&dom, "data-images-loaded").unwrap_or(0);
+    assert!(total > 0 && loaded == total, "{loaded} of {total} images loaded");
+    assert!(dom.contains("<table"), "no results table in the rendered page");
+    for variant in ["base", "joint", "merged:linear"] {
+        assert!(dom.contains(variant), "the rendered page lacks the {variant} row");
+    }
+    for r in support::browser::references(&dom) {
+        assert!(
+            r.starts_with("data:") || r.starts_with('#') || r.is_empty(),
+            "the page references {r}"
+        );
+    }
     // Held-out prompts are not training prompts.
     for skill in ["general", "counting"] {
         let train = std::fs::read_to_string(run.join(skill).join("prompts.jsonl")).unwrap();

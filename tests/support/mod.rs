@@ -2,6 +2,8 @@
 //! the test-only plugin crates under tests/plugins/ for wasm32-wasip2.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod browser;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
