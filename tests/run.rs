@@ -241,10 +241,19 @@ fn end_to_end_then_nothing_to_do_then_only_what_changed() {
     let dom = support::browser::dump_dom(&run.join("report.html"));
     let total = support::browser::body_attr(&dom, "data-images-total").unwrap_or(0);
     let loaded = support::browser::body_attr(&dom, "data-images-loaded").unwrap_or(0);
-    assert!(total > 0 && loaded == total, "{loaded} of {total} images loaded");
-    assert!(dom.contains("<table"), "no results table in the rendered page");
+    assert!(
+        total > 0 && loaded == total,
+        "{loaded} of {total} images loaded"
+    );
+    assert!(
+        dom.contains("<table"),
+        "no results table in the rendered page"
+    );
     for variant in ["base", "joint", "merged:linear"] {
-        assert!(dom.contains(variant), "the rendered page lacks the {variant} row");
+        assert!(
+            dom.contains(variant),
+            "the rendered page lacks the {variant} row"
+        );
     }
     for r in support::browser::references(&dom) {
         assert!(

@@ -106,4 +106,3 @@ pub fn references(dom: &str) -> Vec<String> {
     }
     refs
 }
-
