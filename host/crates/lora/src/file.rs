@@ -11,9 +11,8 @@
 use crate::names::{self, Part};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype, SafeTensors, View};
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use safetensors::tensor::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One adapted module: delta = (alpha / rank) * up @ down.
@@ -518,15 +517,15 @@ impl RawF32 {
 }
 
 #[cfg(test)]
-impl View for RawF32 {
+impl safetensors::tensor::View for RawF32 {
     fn dtype(&self) -> Dtype {
         Dtype::F32
     }
     fn shape(&self) -> &[usize] {
         &self.shape
     }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
     }
     fn data_len(&self) -> usize {
         self.data.len()
@@ -603,7 +602,11 @@ mod serialize_tests {
         assert_eq!(header_len % 8, 0);
         let reference = safetensors::serialize(
             tensors(),
-            Some(meta.clone().into_iter().collect::<HashMap<_, _>>()),
+            Some(
+                meta.clone()
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>(),
+            ),
         )
         .unwrap();
         let (a, b) = (
