@@ -82,11 +82,47 @@ pub fn mean_ci95(xs: &[f64]) -> (f64, f64, f64) {
         let (lo, hi) = wilson95(k, n);
         return (mean, lo, hi);
     }
+    mean_ci95_t(xs)
+}
+
+/// Mean and 95% Student-t interval of a few values (e.g. one mean per seed),
+/// never the Wilson interval: the values are means, not pass/fail data.
+/// Returns (mean, lo, hi); one value gives `[x, x]`, none gives NaNs.
+pub fn mean_ci95_t(xs: &[f64]) -> (f64, f64, f64) {
+    let n = xs.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n as f64;
     if n == 1 {
         return (mean, mean, mean);
     }
     let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
     let half = t975(n - 1) * (var / n as f64).sqrt();
+    (mean, mean - half, mean + half)
+}
+
+/// The unweighted mean of several groups' means (e.g. skills) with a normal
+/// 95% interval from the groups' standard errors (independent groups):
+/// half-width 1.96 sqrt(sum s_k^2 / n_k) / K. Groups of one value add no spread.
+pub fn mean_of_means_ci95(groups: &[Vec<f64>]) -> (f64, f64, f64) {
+    let groups: Vec<&Vec<f64>> = groups.iter().filter(|g| !g.is_empty()).collect();
+    if groups.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let k = groups.len() as f64;
+    let mut mean = 0.0;
+    let mut var_sum = 0.0;
+    for g in &groups {
+        let n = g.len() as f64;
+        let m = g.iter().sum::<f64>() / n;
+        mean += m / k;
+        if g.len() > 1 {
+            let v = g.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0);
+            var_sum += v / n;
+        }
+    }
+    let half = Z975 * var_sum.sqrt() / k;
     (mean, mean - half, mean + half)
 }
 
@@ -173,6 +209,29 @@ mod tests {
         assert_eq!(m, 1.0);
         assert_eq!(hi, 1.0);
         assert!(close(lo, 5.0 / (5.0 + Z975 * Z975), 1e-12), "lo {lo}");
+    }
+
+    #[test]
+    fn t_interval_over_seeds_by_hand() {
+        // 0 / 1 means are not pass/fail data here: t(1) interval, not Wilson.
+        let (m, lo, hi) = mean_ci95_t(&[0.0, 1.0]);
+        assert!(close(m, 0.5, 1e-12));
+        // s = sqrt(0.5), se = 0.5, t(1) = 12.7062
+        assert!(close(hi - m, 6.353_102_368, 1e-6), "half {}", hi - m);
+        assert!(close(m - lo, hi - m, 1e-12));
+        assert_eq!(mean_ci95_t(&[0.3]), (0.3, 0.3, 0.3));
+        assert!(mean_ci95_t(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn mean_of_means_by_hand() {
+        // group means 2 and 11 -> 6.5; variances 1 (n 3) and 2 (n 2):
+        // se^2 sum = 1/3 + 1 = 4/3; half = 1.96 sqrt(4/3) / 2
+        let (m, lo, hi) = mean_of_means_ci95(&[vec![1.0, 2.0, 3.0], vec![10.0, 12.0]]);
+        assert!(close(m, 6.5, 1e-12));
+        let half = Z975 * (4.0f64 / 3.0).sqrt() / 2.0;
+        assert!(close(hi - m, half, 1e-12) && close(m - lo, half, 1e-12));
+        assert!(mean_of_means_ci95(&[]).0.is_nan());
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct RunSection {
     pub dir: Option<Spanned<String>>,
     /// Report title.
     pub title: String,
+    /// Repeat training, merges and evaluation noise once per seed (results:
+    /// mean over seeds with a 95% Student-t interval). Absent: one run with `seed`.
+    pub seeds: Option<Vec<u64>>,
 }
 
 impl Default for RunSection {
@@ -81,6 +84,7 @@ impl Default for RunSection {
             joint: true,
             dir: None,
             title: "SELMA run".into(),
+            seeds: None,
         }
     }
 }
@@ -100,6 +104,20 @@ pub struct ModelsSection {
     /// Seed of that tiny model.
     #[serde(default)]
     pub init_seed: u64,
+    /// Create this random model (`tiny` or `shapeworld`, as `selma model init
+    /// --preset`) when a configured folder is missing; `init_tiny = true` means `tiny`.
+    pub init_preset: Option<Spanned<String>>,
+}
+
+impl ModelsSection {
+    /// The preset made on the fly for a missing folder, if any.
+    pub fn preset(&self) -> Option<String> {
+        match &self.init_preset {
+            Some(p) => Some(p.get_ref().clone()),
+            None if self.init_tiny => Some("tiny".into()),
+            None => None,
+        }
+    }
 }
 
 /// `[llm]`.
@@ -172,6 +190,8 @@ pub struct SkillSection {
     pub filters: Option<Vec<Spanned<String>>>,
     /// A file of held-out evaluation prompts (one per line, or JSON lines with `text`).
     pub eval_prompts: Option<Spanned<String>>,
+    /// Evaluation images per held-out prompt for this skill (default `eval.per_prompt`).
+    pub eval_per_prompt: Option<usize>,
 }
 
 /// `[images]`.
@@ -196,6 +216,9 @@ pub struct ImagesSection {
     pub negative: String,
     /// Image-filter plugins deciding which images train the experts.
     pub filters: Vec<Spanned<String>>,
+    /// Also train every expert, the joint baseline and the merges on all
+    /// images, unfiltered (variants `.../unfiltered`): the image-filter ablation.
+    pub ablate_filters: bool,
 }
 
 impl Default for ImagesSection {
@@ -210,6 +233,7 @@ impl Default for ImagesSection {
             height: None,
             negative: String::new(),
             filters: vec![],
+            ablate_filters: false,
         }
     }
 }
@@ -325,6 +349,9 @@ pub struct EvalSection {
     pub clip_model: Option<Spanned<String>>,
     /// Prompts per skill shown as image grids in the report.
     pub grid_prompts: usize,
+    /// Evaluation images per held-out prompt, each with its own fixed seed
+    /// (for skills with few distinct prompts).
+    pub per_prompt: usize,
 }
 
 impl Default for EvalSection {
@@ -337,6 +364,7 @@ impl Default for EvalSection {
             scorers: vec![sp("degenerate".into())],
             clip_model: None,
             grid_prompts: 4,
+            per_prompt: 1,
         }
     }
 }
@@ -537,6 +565,73 @@ mod tests {
         assert_eq!(l.cfg.prompts.generator.get_ref(), "llm-fewshot");
         assert!(l.cfg.llm.is_some());
         assert_eq!(l.cfg.merge.len(), 2);
+    }
+
+    #[test]
+    fn new_keys_default_to_the_old_behaviour() {
+        let l = Loaded::embedded().unwrap();
+        assert!(l.cfg.run.seeds.is_none());
+        assert!(!l.cfg.images.ablate_filters);
+        assert_eq!(l.cfg.eval.per_prompt, 1);
+        assert_eq!(l.cfg.models.preset().as_deref(), Some("tiny"));
+        let text = "[models]\nteacher = \"m\"\n[[skills]]\nname = \"x\"\n";
+        let l = Loaded::parse(text, "p.toml", Path::new(".")).unwrap();
+        assert_eq!(l.cfg.models.preset(), None);
+        let text =
+            "[models]\nteacher = \"m\"\ninit_preset = \"shapeworld\"\n[[skills]]\nname = \"x\"\n";
+        let l = Loaded::parse(text, "p.toml", Path::new(".")).unwrap();
+        assert_eq!(l.cfg.models.preset().as_deref(), Some("shapeworld"));
+    }
+
+    #[test]
+    fn shapeworld_example_parses_with_the_ablation() {
+        let text = include_str!("../../../examples/shapeworld.toml");
+        let l = Loaded::parse(text, "shapeworld.toml", Path::new("examples")).unwrap();
+        let c = &l.cfg;
+        assert_eq!(c.run.seeds.as_deref(), Some(&[0u64, 1, 2][..]));
+        assert!(c.images.ablate_filters);
+        assert_eq!(c.images.filters[0].get_ref(), "shapeworld-verifier");
+        assert_eq!(c.eval.scorers[0].get_ref(), "shapeworld-verifier");
+        assert_eq!((c.images.steps, c.images.guidance), (25, 1.5));
+        assert_eq!(c.images.scheduler.get_ref(), "ddim");
+        let t = &c.train;
+        assert_eq!(
+            (t.rank, t.lr, t.resolution, t.random_flip),
+            (16, 1e-4, 32, false)
+        );
+        assert!(t.extra.contains_key("ema_decay"));
+        let skills: Vec<&str> = c.skills.iter().map(|s| s.name.get_ref().as_str()).collect();
+        assert_eq!(
+            skills,
+            ["sw-single", "sw-counting", "sw-binding", "sw-spatial"]
+        );
+        let merges: Vec<&str> = c
+            .merge
+            .iter()
+            .map(|m| m.strategy.get_ref().as_str())
+            .collect();
+        assert_eq!(merges, ["linear", "ties"]);
+        assert!(c.eval.prompts >= 200);
+        assert_ne!(
+            c.eval.seed,
+            Some(c.run.seed),
+            "held-out prompts need their own seed"
+        );
+        // At least 200 held-out samples per skill where the grammar allows
+        // `count` + held-out prompts (single 9, counting 45, binding 129 beyond the seeds).
+        for (s, avail) in c.skills.iter().zip([9usize, 45, 129, 525]) {
+            let held_out = (avail - s.count.unwrap()).min(c.eval.prompts);
+            let per = s.eval_per_prompt.unwrap_or(c.eval.per_prompt);
+            assert!(
+                held_out * per >= 200,
+                "{}: {held_out} x {per}",
+                s.name.get_ref()
+            );
+        }
+        assert_eq!(
+            l.resolve(c.models.teacher.get_ref(), Path::new("/r")),
+            PathBuf::from("examples/../models/shapeworld-base")
+        );
     }
 
     #[test]

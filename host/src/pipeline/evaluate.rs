@@ -3,13 +3,14 @@
 //! merge), scores by every configured scorer, `results.json`, `report.html`.
 
 use super::config::Stage;
-use super::plan::{train_unit, Plan};
+use super::plan::{train_unit, Plan, Replica};
 use super::stages::{bar, load_model, read_rgb, render_png, Ctx};
 use super::store::{
     derive_seed, file_safe, hash_file, hash_json, read_jsonl, write_json, Manifest,
 };
 use crate::eval::scorer::{ClipScorer, ImageFilterScorer, Scorer};
-use crate::eval::{stats::mean_ci95, Cell, Results};
+use crate::eval::stats::{mean_ci95, mean_ci95_t, mean_of_means_ci95};
+use crate::eval::{Cell, Results};
 use crate::prompts::PromptRecord;
 use crate::report;
 use anyhow::{ensure, Context, Result};
@@ -20,40 +21,94 @@ use std::path::{Path, PathBuf};
 /// A model variant under evaluation: its display name and LoRA file.
 #[derive(Debug, Clone)]
 pub struct Variant {
-    /// Display name (`base`, `expert:<skill>`, `joint`, `merged:<name>`).
+    /// Display name (`base`, `expert:<skill>`, `joint`, `merged:<name>`;
+    /// `/unfiltered` and `@seed<N>` appended in ablations and multi-seed runs).
     pub name: String,
     /// The unit whose output it is (None: the base model).
     pub unit: Option<String>,
     /// The LoRA file applied (None: the base model).
     pub lora: Option<PathBuf>,
+    /// The seed-aggregated name (`name` without `@seed<N>`).
+    pub group: String,
+    /// The replica (seed and data setting) it belongs to.
+    pub replica: Replica,
 }
 
-/// Variants in display order.
+/// Variants in display order, seed by seed: base, then per data setting
+/// (filtered, then unfiltered) each expert, joint and each merge.
 pub fn variants(plan: &Plan) -> Vec<Variant> {
-    let mut v = vec![Variant {
-        name: "base".into(),
-        unit: None,
-        lora: None,
-    }];
-    for name in plan.train_units() {
+    let mut v = vec![];
+    let replicas = plan.replicas();
+    for (seed, tagged) in plan.seeds() {
+        let base = Replica {
+            seed,
+            tagged,
+            unfiltered: false,
+        };
         v.push(Variant {
-            name: if name == "joint" {
-                "joint".into()
-            } else {
-                format!("expert:{name}")
-            },
-            unit: Some(train_unit(&name)),
-            lora: Some(plan.dir.expert(&name)),
+            name: format!("base{}", base.seed_suffix()),
+            unit: None,
+            lora: None,
+            group: "base".into(),
+            replica: base,
         });
-    }
-    for m in &plan.merges {
-        v.push(Variant {
-            name: format!("merged:{}", m.name),
-            unit: Some(format!("merged:{}", m.name)),
-            lora: Some(plan.dir.merged(&m.name)),
-        });
+        for r in replicas.iter().filter(|r| r.seed == seed) {
+            for name in plan.train_units() {
+                let display = if name == "joint" {
+                    "joint".to_string()
+                } else {
+                    format!("expert:{name}")
+                };
+                v.push(Variant {
+                    name: format!("{display}{}", r.suffix()),
+                    unit: Some(format!("{}{}", train_unit(&name), r.suffix())),
+                    lora: Some(plan.dir.expert(&format!("{name}{}", r.file_suffix()))),
+                    group: format!("{display}{}", r.group_suffix()),
+                    replica: *r,
+                });
+            }
+            for m in &plan.merges {
+                v.push(Variant {
+                    name: format!("merged:{}{}", m.name, r.suffix()),
+                    unit: Some(format!("merged:{}{}", m.name, r.suffix())),
+                    lora: Some(plan.dir.merged(&format!("{}{}", m.name, r.file_suffix()))),
+                    group: format!("merged:{}{}", m.name, r.group_suffix()),
+                    replica: *r,
+                });
+            }
+        }
     }
     v
+}
+
+/// Seed-aggregated variant names in display order: base, filtered variants,
+/// then unfiltered ones.
+pub fn groups(plan: &Plan) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    let vs = variants(plan);
+    for unfiltered in [false, true] {
+        for v in &vs {
+            if v.replica.unfiltered == unfiltered && !out.contains(&v.group) {
+                out.push(v.group.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Does this run show the ablation table (`[run] seeds` or `ablate_filters`)?
+pub fn ablation_mode(plan: &Plan) -> bool {
+    plan.loaded.cfg.run.seeds.is_some() || plan.loaded.cfg.images.ablate_filters
+}
+
+/// The seed evaluation-image noise derives from, for a replica: the eval
+/// seed itself when seeds are not configured, else one per seed.
+fn noise_base(plan: &Plan, r: &Replica) -> u64 {
+    if r.tagged {
+        derive_seed(eval_seed(plan), &["seed", &r.seed.to_string()])
+    } else {
+        eval_seed(plan)
+    }
 }
 
 fn eval_seed(plan: &Plan) -> u64 {
@@ -178,19 +233,31 @@ fn eval_prompts(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// The held-out prompts of a skill, with their fixed seeds.
-fn prompts_with_seeds(plan: &Plan, skill: &str) -> Result<Vec<(String, u64)>> {
+/// The held-out prompts of a skill, with their fixed seeds: one entry per
+/// evaluation image (`per_prompt` consecutive entries per prompt when > 1).
+fn prompts_with_seeds(plan: &Plan, skill: &str, noise: u64) -> Result<Vec<(String, u64)>> {
     let rows: Vec<serde_json::Value> = read_jsonl(&eval_prompts_path(plan, skill))?;
-    Ok(rows
+    let k = plan
+        .skills
         .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            (
-                r["text"].as_str().unwrap_or_default().to_string(),
-                derive_seed(eval_seed(plan), &["eval-image", skill, &i.to_string()]),
-            )
-        })
-        .collect())
+        .find(|s| s.id == skill)
+        .map_or(1, |s| s.eval_per_prompt);
+    let mut out = vec![];
+    for (i, r) in rows.iter().enumerate() {
+        let text = r["text"].as_str().unwrap_or_default().to_string();
+        for j in 0..k {
+            let seed = if k == 1 {
+                derive_seed(noise, &["eval-image", skill, &i.to_string()])
+            } else {
+                derive_seed(
+                    noise,
+                    &["eval-image", skill, &i.to_string(), &j.to_string()],
+                )
+            };
+            out.push((text.clone(), seed));
+        }
+    }
+    Ok(out)
 }
 
 /// `eval/images/<variant>/<skill>/`.
@@ -256,8 +323,13 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                     "width": cfg.images.width, "height": cfg.images.height,
                     "negative": cfg.images.negative, "dtype": cfg.run.dtype,
                 },
-                "seed": eval_seed(plan),
+                "seed": noise_base(plan, &v.replica),
             }));
+            let images_input = if s.eval_per_prompt > 1 {
+                hash_json(&json!([images_input, s.eval_per_prompt]))
+            } else {
+                images_input
+            };
             let input = hash_json(&json!({
                 "images": images_input, "scorers": scorer_ids, "clip": clip_id,
             }));
@@ -291,7 +363,7 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 }
                 super::store::write_atomic(&marker, images_input.as_bytes())?;
             }
-            let prompts = prompts_with_seeds(plan, &s.id)?;
+            let prompts = prompts_with_seeds(plan, &s.id, noise_base(plan, &v.replica))?;
             let todo: Vec<usize> = (0..prompts.len())
                 .filter(|i| !dir.join(format!("{i:05}.png")).is_file())
                 .collect();
@@ -365,7 +437,11 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     }
     // results.json
     let extra = pass_rate_table(plan);
-    let input = hash_json(&json!({"scores": score_hashes, "extra": serde_json::to_value(&extra)?}));
+    let mut input_json = json!({"scores": score_hashes, "extra": serde_json::to_value(&extra)?});
+    if ablation_mode(plan) {
+        input_json["ablation"] = json!(groups(plan));
+    }
+    let input = hash_json(&input_json);
     if let Some(m) = plan.dir.done("eval", "results", &input) {
         if plan.dir.results().is_file() {
             ctx.outputs.insert("results".into(), m.output_hash);
@@ -386,6 +462,8 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         .collect();
     scorer_names.dedup();
     let mut cells = vec![];
+    // Per-prompt scores by (variant, skill, scorer), for the means over skills.
+    let mut raw: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
     for v in &vs {
         for s in &plan.skills {
             let path = plan
@@ -405,6 +483,7 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             for name in &scorer_names {
                 let Some(xs) = table.get(name) else { continue };
                 let (mean, lo, hi) = mean_ci95(xs);
+                raw.insert((v.name.clone(), s.id.clone(), name.clone()), xs.clone());
                 cells.push(Cell {
                     variant: v.name.clone(),
                     skill: s.id.clone(),
@@ -417,12 +496,16 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             }
         }
     }
-    let results = Results {
-        variants: vs.iter().map(|v| v.name.clone()).collect(),
-        skills: plan.skills.iter().map(|s| s.id.clone()).collect(),
-        scorers: scorer_names,
-        cells,
-        extra: vec![extra],
+    let results = if ablation_mode(plan) {
+        ablation_results(plan, &vs, scorer_names, cells, &raw, extra)
+    } else {
+        Results {
+            variants: vs.iter().map(|v| v.name.clone()).collect(),
+            skills: plan.skills.iter().map(|s| s.id.clone()).collect(),
+            scorers: scorer_names,
+            cells,
+            extra: vec![extra],
+        }
     };
     results.write(&plan.dir.results())?;
     let m = Manifest {
@@ -437,6 +520,198 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     ctx.outputs.insert("results".into(), m.output_hash);
     ctx.ran.push("results".into());
     Ok(())
+}
+
+/// The title every ablation table starts with.
+pub const ABLATION_TITLE: &str = "Ablation";
+
+/// `0.550 [0.500, 0.600]`.
+fn fmt_ci(c: &Cell) -> String {
+    if c.mean.is_finite() {
+        format!("{:.3} [{:.3}, {:.3}]", c.mean, c.lo, c.hi)
+    } else {
+        "n/a".into()
+    }
+}
+
+/// results.json of an ablation or multi-seed run: cells per seed-aggregated
+/// variant (mean over seeds, Student-t 95% interval over seeds, `n` = seeds;
+/// with one untagged seed, the per-prompt cells), cells of skill `mean` (the
+/// mean over skills), one ablation table per scorer, and with seeds a
+/// per-seed breakdown table.
+fn ablation_results(
+    plan: &Plan,
+    vs: &[Variant],
+    scorers: Vec<String>,
+    per_variant: Vec<Cell>,
+    raw: &BTreeMap<(String, String, String), Vec<f64>>,
+    pass_rates: report::Table,
+) -> Results {
+    let skills: Vec<String> = plan.skills.iter().map(|s| s.id.clone()).collect();
+    let tagged = plan.loaded.cfg.run.seeds.is_some();
+    // Per concrete variant: the mean over skills.
+    let mut per_variant = per_variant;
+    for v in vs {
+        for sc in &scorers {
+            let groups: Vec<Vec<f64>> = skills
+                .iter()
+                .filter_map(|s| raw.get(&(v.name.clone(), s.clone(), sc.clone())).cloned())
+                .collect();
+            if groups.len() != skills.len() {
+                continue;
+            }
+            let (mean, lo, hi) = mean_of_means_ci95(&groups);
+            per_variant.push(Cell {
+                variant: v.name.clone(),
+                skill: "mean".into(),
+                scorer: sc.clone(),
+                mean,
+                lo,
+                hi,
+                n: groups.iter().map(|g| g.len()).sum(),
+            });
+        }
+    }
+    let group_names = groups(plan);
+    let mut columns = skills.clone();
+    columns.push("mean".into());
+    let cells: Vec<Cell> = if !tagged {
+        per_variant.clone()
+    } else {
+        let mut out = vec![];
+        for g in &group_names {
+            for s in &columns {
+                for sc in &scorers {
+                    let xs: Vec<f64> = vs
+                        .iter()
+                        .filter(|v| &v.group == g)
+                        .filter_map(|v| {
+                            per_variant
+                                .iter()
+                                .find(|c| c.variant == v.name && &c.skill == s && &c.scorer == sc)
+                        })
+                        .map(|c| c.mean)
+                        .collect();
+                    if xs.is_empty() {
+                        continue;
+                    }
+                    let (mean, lo, hi) = mean_ci95_t(&xs);
+                    out.push(Cell {
+                        variant: g.clone(),
+                        skill: s.clone(),
+                        scorer: sc.clone(),
+                        mean,
+                        lo,
+                        hi,
+                        n: xs.len(),
+                    });
+                }
+            }
+        }
+        out
+    };
+    let n_seeds = plan.seeds().len();
+    let mut extra = vec![pass_rates];
+    for sc in &scorers {
+        let mut header = vec!["variant".to_string()];
+        header.extend(skills.iter().cloned());
+        header.push("mean over skills".into());
+        let rows = group_names
+            .iter()
+            .map(|g| {
+                let mut row = vec![g.clone()];
+                for s in &columns {
+                    row.push(
+                        cells
+                            .iter()
+                            .find(|c| &c.variant == g && &c.skill == s && &c.scorer == sc)
+                            .map_or("-".into(), fmt_ci),
+                    );
+                }
+                row
+            })
+            .collect();
+        extra.push(report::Table {
+            title: format!(
+                "{ABLATION_TITLE} ({sc}): mean with 95% interval {}",
+                if tagged {
+                    format!("over {n_seeds} seed(s) (Student t)")
+                } else {
+                    "over prompts".into()
+                }
+            ),
+            header,
+            rows,
+        });
+    }
+    if tagged {
+        let header = [
+            "variant", "seed", "skill", "scorer", "mean", "lo", "hi", "n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let rows = per_variant
+            .iter()
+            .map(|c| {
+                let v = vs.iter().find(|v| v.name == c.variant);
+                vec![
+                    v.map_or(c.variant.clone(), |v| v.group.clone()),
+                    v.map_or(String::new(), |v| v.replica.seed.to_string()),
+                    c.skill.clone(),
+                    c.scorer.clone(),
+                    format!("{:.6}", c.mean),
+                    format!("{:.6}", c.lo),
+                    format!("{:.6}", c.hi),
+                    c.n.to_string(),
+                ]
+            })
+            .collect();
+        extra.push(report::Table {
+            title: "Per-seed breakdown (mean and 95% interval over prompts)".into(),
+            header,
+            rows,
+        });
+    }
+    Results {
+        variants: group_names,
+        skills,
+        scorers,
+        cells,
+        extra,
+    }
+}
+
+/// The ablation tables of a results.json as aligned text (for stdout).
+pub fn ablation_text(results: &Results) -> Option<String> {
+    let mut out = String::new();
+    for t in results
+        .extra
+        .iter()
+        .filter(|t| t.title.starts_with(ABLATION_TITLE) || t.title.contains("pass rates"))
+    {
+        let mut widths: Vec<usize> = t.header.iter().map(|h| h.chars().count()).collect();
+        for r in &t.rows {
+            for (i, c) in r.iter().enumerate() {
+                if i < widths.len() {
+                    widths[i] = widths[i].max(c.chars().count());
+                }
+            }
+        }
+        out.push_str(&t.title);
+        out.push('\n');
+        for r in std::iter::once(&t.header).chain(&t.rows) {
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 fn load_scorers(plan: &Plan) -> Result<Vec<Box<dyn Scorer>>> {
@@ -515,8 +790,8 @@ pub fn write_report(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         return Ok(());
     };
     let mut losses = vec![];
-    for name in plan.train_units() {
-        let p = plan.dir.expert_run(&name).join("loss.jsonl");
+    for j in plan.train_jobs() {
+        let p = plan.dir.expert_run(&j.file).join("loss.jsonl");
         losses.push(if p.is_file() {
             hash_file(&p)?
         } else {
@@ -537,13 +812,19 @@ pub fn write_report(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         return Ok(());
     }
     let results = Results::read(&plan.dir.results())?;
-    let vs = variants(plan);
+    // The grids show the first seed's images, under the seed-aggregated names.
+    let all = variants(plan);
+    let first = plan.seeds()[0].0;
+    let vs: Vec<&Variant> = all.iter().filter(|v| v.replica.seed == first).collect();
+    let noise = noise_base(plan, &vs[0].replica);
     let mut grids = vec![];
     for s in &plan.skills {
-        let prompts = prompts_with_seeds(plan, &s.id)?;
+        let prompts = prompts_with_seeds(plan, &s.id, noise)?;
+        // One image (the first seed) per distinct prompt.
         let rows = prompts
             .iter()
             .enumerate()
+            .step_by(s.eval_per_prompt.max(1))
             .take(plan.loaded.cfg.eval.grid_prompts)
             .map(|(i, (p, seed))| report::GridRow {
                 prompt: p.clone(),
@@ -552,7 +833,7 @@ pub fn write_report(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                     .iter()
                     .map(|v| {
                         (
-                            v.name.clone(),
+                            v.group.clone(),
                             eval_image_dir(plan, &v.name, &s.id).join(format!("{i:05}.png")),
                         )
                     })
@@ -565,15 +846,11 @@ pub fn write_report(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         });
     }
     let mut loss_curves = vec![];
-    for name in plan.train_units() {
-        let p = plan.dir.expert_run(&name).join("loss.jsonl");
+    for j in plan.train_jobs() {
+        let p = plan.dir.expert_run(&j.file).join("loss.jsonl");
         if p.is_file() {
             loss_curves.push(report::LossCurve {
-                name: if name == "joint" {
-                    name.clone()
-                } else {
-                    format!("expert:{name}")
-                },
+                name: j.unit.clone(),
                 points: report::read_loss_log(&p)?,
             });
         }
@@ -584,7 +861,14 @@ pub fn write_report(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         plan.student.display(),
         plan.seed()
     )];
-    if plan.loaded.cfg.models.init_tiny {
+    if let Some(seeds) = &plan.loaded.cfg.run.seeds {
+        notes.push(format!(
+            "Training, merges and evaluation noise repeated for seeds {seeds:?}: the table shows \
+             the mean over seeds with a 95% Student-t interval over seeds (n = seeds); \
+             the grids show seed {first}."
+        ));
+    }
+    if plan.loaded.cfg.models.preset().is_some() {
         notes.push(
             "This run may use the tiny random model: its pictures are noise and its scores say \
              nothing about the method. Point [models] at a real diffusers folder for real use."

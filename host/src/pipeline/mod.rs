@@ -48,6 +48,12 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
     execute(&plan)
 }
 
+/// The ablation and pass-rate tables of the run's results.json as text.
+fn eval_results_text(plan: &Plan) -> Option<String> {
+    let r = crate::eval::Results::read(&plan.dir.results()).ok()?;
+    evaluate::ablation_text(&r)
+}
+
 /// Run a validated plan.
 pub fn execute(plan: &Plan) -> Result<RunSummary> {
     std::fs::create_dir_all(&plan.dir.root)
@@ -64,8 +70,8 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
             }
         }
         if *s == Stage::Train {
-            for u in plan.train_units() {
-                std::fs::remove_dir_all(plan.dir.expert_run(&u)).ok();
+            for j in plan.train_jobs() {
+                std::fs::remove_dir_all(plan.dir.expert_run(&j.file)).ok();
             }
         }
         if *s == Stage::Eval {
@@ -109,6 +115,12 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
         }
     }
     let report = plan.dir.report();
+    // Ablation runs print their table (then the CLI prints the report's path).
+    if evaluate::ablation_mode(plan) && ctx.waiting.is_empty() && report.is_file() {
+        if let Some(t) = eval_results_text(plan) {
+            print!("{t}");
+        }
+    }
     Ok(RunSummary {
         run_dir: plan.dir.root.clone(),
         ran: ctx.ran,

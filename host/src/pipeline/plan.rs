@@ -45,6 +45,8 @@ pub struct SkillPlan {
     pub filters: Vec<String>,
     /// Held-out prompts file.
     pub eval_file: Option<PathBuf>,
+    /// Evaluation images per held-out prompt.
+    pub eval_per_prompt: usize,
 }
 
 /// One merge, resolved.
@@ -60,6 +62,65 @@ pub struct MergePlan {
     pub rank: Option<usize>,
     /// Strategy parameters.
     pub params: toml::Table,
+}
+
+/// One repetition of training, merging and evaluation: a seed and a data
+/// setting (filtered images, or all images for the filter ablation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replica {
+    /// The seed its training, merge and evaluation-noise seeds derive from.
+    pub seed: u64,
+    /// Whether `[run] seeds` is set (names then carry `@seed<N>`).
+    pub tagged: bool,
+    /// Trained on every image, not only those the image filters kept.
+    pub unfiltered: bool,
+}
+
+impl Replica {
+    /// Suffix of unit and variant names: `/unfiltered`, then `@seed<N>`.
+    pub fn suffix(&self) -> String {
+        format!("{}{}", self.group_suffix(), self.seed_suffix())
+    }
+    /// `@seed<N>` when seeds are configured, else empty.
+    pub fn seed_suffix(&self) -> String {
+        if self.tagged {
+            format!("@seed{}", self.seed)
+        } else {
+            String::new()
+        }
+    }
+    /// Suffix of seed-aggregated variant names: `/unfiltered` or empty.
+    pub fn group_suffix(&self) -> &'static str {
+        if self.unfiltered {
+            "/unfiltered"
+        } else {
+            ""
+        }
+    }
+    /// Suffix in file names: `.unfiltered`, then `.seed<N>`.
+    pub fn file_suffix(&self) -> String {
+        let mut s = String::new();
+        if self.unfiltered {
+            s.push_str(".unfiltered");
+        }
+        if self.tagged {
+            s.push_str(&format!(".seed{}", self.seed));
+        }
+        s
+    }
+}
+
+/// One LoRA to train: an expert (a skill id) or `joint`, in one replica.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    /// Skill id or `joint`.
+    pub name: String,
+    /// Its replica.
+    pub replica: Replica,
+    /// Unit name (`expert:<skill>[/unfiltered][@seed<N>]`, `joint...`).
+    pub unit: String,
+    /// File stem under `experts/`.
+    pub file: String,
 }
 
 /// A validated run.
@@ -153,6 +214,55 @@ impl Plan {
             v.push("joint".into());
         }
         v
+    }
+    /// The seeds of the run: `[run] seeds` (tagged) or `run.seed` alone.
+    pub fn seeds(&self) -> Vec<(u64, bool)> {
+        match &self.loaded.cfg.run.seeds {
+            Some(v) => v.iter().map(|&s| (s, true)).collect(),
+            None => vec![(self.seed(), false)],
+        }
+    }
+    /// Every replica: per seed, filtered, then unfiltered when ablating.
+    pub fn replicas(&self) -> Vec<Replica> {
+        let mut out = vec![];
+        for (seed, tagged) in self.seeds() {
+            out.push(Replica {
+                seed,
+                tagged,
+                unfiltered: false,
+            });
+            if self.loaded.cfg.images.ablate_filters {
+                out.push(Replica {
+                    seed,
+                    tagged,
+                    unfiltered: true,
+                });
+            }
+        }
+        out
+    }
+    /// The seed a replica's own seeds derive from (the run seed when untagged).
+    pub fn replica_seed(&self, r: &Replica) -> u64 {
+        if r.tagged {
+            r.seed
+        } else {
+            self.seed()
+        }
+    }
+    /// Every LoRA to train, replica by replica.
+    pub fn train_jobs(&self) -> Vec<TrainJob> {
+        let mut out = vec![];
+        for r in self.replicas() {
+            for name in self.train_units() {
+                out.push(TrainJob {
+                    unit: format!("{}{}", train_unit(&name), r.suffix()),
+                    file: format!("{name}{}", r.file_suffix()),
+                    name,
+                    replica: r,
+                });
+            }
+        }
+        out
     }
     /// Image size: the configured one (None: the model's native size).
     pub fn image_size(&self) -> (Option<usize>, Option<usize>) {
@@ -283,11 +393,39 @@ pub fn validate(loaded: Loaded, opts: RunOptions) -> Result<Plan> {
         range(s >= 1, "eval.steps", "must be at least 1")?;
     }
     ensure!(!cfg.merge.is_empty(), "{}: [[merge]] is empty", l.origin);
+    if let Some(p) = &cfg.models.init_preset {
+        ensure!(
+            matches!(p.get_ref().as_str(), "tiny" | "shapeworld"),
+            "{}: models.init_preset = {:?}: use \"tiny\" or \"shapeworld\"",
+            l.at(p),
+            p.get_ref()
+        );
+    }
+    if let Some(seeds) = &cfg.run.seeds {
+        range(
+            !seeds.is_empty(),
+            "run.seeds",
+            "must list at least one seed",
+        )?;
+        let mut u = seeds.clone();
+        u.sort();
+        u.dedup();
+        range(
+            u.len() == seeds.len(),
+            "run.seeds",
+            "lists a seed twice: give distinct seeds",
+        )?;
+    }
+    range(
+        !cfg.images.ablate_filters || !cfg.images.filters.is_empty(),
+        "images.ablate_filters",
+        "needs at least one image filter in images.filters (without one, filtered = unfiltered)",
+    )?;
 
     // Models.
     let model_path = |v: &Spanned<String>, key: &str| -> Result<PathBuf> {
         let p = l.resolve(v.get_ref(), &run_dir);
-        if !p.exists() && cfg.models.init_tiny {
+        if !p.exists() && cfg.models.preset().is_some() {
             return Ok(p);
         }
         check_diffusers_folder(&p).with_context(|| {
@@ -298,7 +436,7 @@ pub fn validate(loaded: Loaded, opts: RunOptions) -> Result<Plan> {
                 if p.exists() {
                     ""
                 } else {
-                    " (set models.init_tiny = true to create the tiny random model there)"
+                    " (set models.init_tiny = true or models.init_preset = \"shapeworld\" to create a random model there)"
                 }
             )
         })?;
@@ -445,6 +583,12 @@ pub fn validate(loaded: Loaded, opts: RunOptions) -> Result<Plan> {
             }
             None => None,
         };
+        let eval_per_prompt = s.eval_per_prompt.unwrap_or(cfg.eval.per_prompt);
+        ensure!(
+            eval_per_prompt >= 1,
+            "{}: skills[{i}].eval_per_prompt (or eval.per_prompt) must be at least 1",
+            l.at(&s.name)
+        );
         skills.push(SkillPlan {
             spec,
             id: info.id,
@@ -452,6 +596,7 @@ pub fn validate(loaded: Loaded, opts: RunOptions) -> Result<Plan> {
             generator,
             filters,
             eval_file,
+            eval_per_prompt,
         });
     }
     let mut image_filters = vec![];
@@ -578,15 +723,15 @@ pub fn plan_summary(plan: &Plan) -> BTreeMap<String, Vec<String>> {
     m.insert("images".into(), images);
     m.insert(
         "train".into(),
-        plan.train_units().iter().map(|u| train_unit(u)).collect(),
+        plan.train_jobs().into_iter().map(|j| j.unit).collect(),
     );
-    m.insert(
-        "merge".into(),
-        plan.merges
-            .iter()
-            .map(|x| format!("merged:{}", x.name))
-            .collect(),
-    );
+    let mut merged = vec![];
+    for r in plan.replicas() {
+        for x in &plan.merges {
+            merged.push(format!("merged:{}{}", x.name, r.suffix()));
+        }
+    }
+    m.insert("merge".into(), merged);
     m.insert("eval".into(), vec!["results".into()]);
     m.insert("report".into(), vec!["report".into()]);
     m
@@ -647,4 +792,30 @@ pub fn apply_train_extra(
         v[k] = serde_json::to_value(val)?;
     }
     serde_json::from_value(v).map_err(|e| anyhow::anyhow!("train.extra: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_names() {
+        let r = Replica {
+            seed: 2,
+            tagged: true,
+            unfiltered: true,
+        };
+        assert_eq!(r.suffix(), "/unfiltered@seed2");
+        assert_eq!(r.file_suffix(), ".unfiltered.seed2");
+        assert_eq!(r.group_suffix(), "/unfiltered");
+        let plain = Replica {
+            seed: 2,
+            tagged: false,
+            unfiltered: false,
+        };
+        assert_eq!(
+            (plain.suffix(), plain.file_suffix()),
+            (String::new(), String::new())
+        );
+    }
 }

@@ -5,10 +5,10 @@
 //! says it is done with the same inputs.
 
 use super::config::Stage;
-use super::plan::{train_unit, Plan};
+use super::plan::Plan;
 use super::store::{
     derive_seed, hash_file, hash_json, model_identity, read_jsonl, write_json, write_jsonl,
-    Manifest, RunDir,
+    Manifest,
 };
 use crate::prompts::{PromptRecord, PromptsJob};
 use anyhow::{bail, ensure, Context, Result};
@@ -48,25 +48,27 @@ impl Ctx {
     }
 }
 
-/// Create the tiny random model at `dir` when it is missing and the config allows it.
+/// Create the configured random model (`models.init_preset`, or the tiny one
+/// for `init_tiny`) at `dir` when it is missing.
 pub fn ensure_model(plan: &Plan, dir: &Path) -> Result<()> {
     if dir.join("model_index.json").is_file() {
         return Ok(());
     }
     let m = &plan.loaded.cfg.models;
-    ensure!(
-        m.init_tiny,
-        "model folder {} is missing (set models.init_tiny = true to create the tiny model)",
-        dir.display()
-    );
-    eprintln!("creating the tiny random model in {}", dir.display());
-    let res =
-        selma_diffusion::init::init_model(selma_diffusion::init::Preset::Tiny, dir, m.init_seed);
+    let Some(name) = m.preset() else {
+        bail!(
+            "model folder {} is missing (set models.init_tiny = true or models.init_preset = \"shapeworld\" to create a random model)",
+            dir.display()
+        );
+    };
+    let preset: selma_diffusion::init::Preset = name.parse()?;
+    eprintln!("creating the {name} random model in {}", dir.display());
+    let res = selma_diffusion::init::init_model(preset, dir, m.init_seed);
     match res {
         Ok(_) => Ok(()),
         // Another shard may have created it at the same time.
         Err(_) if dir.join("model_index.json").is_file() => Ok(()),
-        Err(e) => Err(e.context(format!("creating the tiny model in {}", dir.display()))),
+        Err(e) => Err(e.context(format!("creating the {name} model in {}", dir.display()))),
     }
 }
 
@@ -565,20 +567,36 @@ fn filters(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
 
 // ---------------------------------------------------------------- train
 
-/// The joint baseline's dataset: every skill's kept images.
-fn write_joint_data(plan: &Plan, dir: &RunDir) -> Result<PathBuf> {
-    let data = dir.experts().join("joint.data");
+/// A training dataset over several skills' images in `experts/<file>.data/`:
+/// each skill's kept images, or every rendered image when `unfiltered`.
+fn write_data(plan: &Plan, file: &str, skills: &[&str], unfiltered: bool) -> Result<PathBuf> {
+    let data = plan.dir.experts().join(format!("{file}.data"));
     let mut rows = vec![];
-    for s in &plan.skills {
-        let meta: Vec<serde_json::Value> = read_jsonl(&dir.images(&s.id).join("metadata.jsonl"))?;
-        for mut r in meta {
+    for s in skills {
+        for mut r in skill_rows(plan, s, unfiltered)? {
             let f = r["file_name"].as_str().unwrap_or_default().to_string();
-            r["file_name"] = json!(format!("../../{}/images/{f}", s.id));
+            r["file_name"] = json!(format!("../../{s}/images/{f}"));
             rows.push(r);
         }
     }
     write_jsonl(&data.join("metadata.jsonl"), &rows)?;
     Ok(data)
+}
+
+/// A skill's training rows (`file_name`, `text`): the kept images, or every
+/// rendered image when `unfiltered`.
+fn skill_rows(plan: &Plan, skill: &str, unfiltered: bool) -> Result<Vec<serde_json::Value>> {
+    if !unfiltered {
+        return read_jsonl(&plan.dir.images(skill).join("metadata.jsonl"));
+    }
+    let records: Vec<PromptRecord> = read_jsonl(&plan.dir.prompts(skill))?;
+    let mut rows = vec![];
+    for (i, r) in records.iter().enumerate() {
+        for j in 0..plan.loaded.cfg.images.per_prompt {
+            rows.push(json!({"file_name": image_name(i, j), "text": r.text}));
+        }
+    }
+    Ok(rows)
 }
 
 /// Keep the loss log's lines up to `step` (a resumed run appends from there).
@@ -611,8 +629,14 @@ fn has_checkpoint(run: &Path) -> bool {
 /// Train every expert (this shard's share) and the joint baseline.
 pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     let cfg = &plan.loaded.cfg;
-    for (k, name) in plan.train_units().iter().enumerate() {
-        let unit = train_unit(name);
+    for (k, job) in plan.train_jobs().iter().enumerate() {
+        let (name, unit, file) = (&job.name, job.unit.clone(), job.file.as_str());
+        // Filtered data comes from the filter unit; unfiltered from the images.
+        let data_stage = if job.replica.unfiltered {
+            "images"
+        } else {
+            "filter"
+        };
         let skills: Vec<&str> = if name == "joint" {
             plan.skills.iter().map(|s| s.id.as_str()).collect()
         } else {
@@ -621,7 +645,7 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         let mut data_hashes = vec![];
         let mut missing = None;
         for s in &skills {
-            match ctx.outputs.get(&format!("filter:{s}")) {
+            match ctx.outputs.get(&format!("{data_stage}:{s}")) {
                 Some(h) => data_hashes.push(h.clone()),
                 None => missing = Some(*s),
             }
@@ -637,14 +661,18 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         } else {
             cfg.train.steps
         };
-        let seed = derive_seed(plan.seed(), &["train", name]);
-        let input = hash_json(&json!({
+        let seed = derive_seed(plan.replica_seed(&job.replica), &["train", name]);
+        let mut input_json = json!({
             "train": serde_json::to_value(&cfg.train)?, "steps": steps, "student": student,
             "data": data_hashes, "seed": seed, "dtype": cfg.run.dtype,
-        }));
+        });
+        if job.replica.unfiltered {
+            input_json["unfiltered"] = json!(true);
+        }
+        let input = hash_json(&input_json);
         if let Some(m) = plan
             .dir
-            .done_with("train", &unit, &input, &[plan.dir.expert(name)])
+            .done_with("train", &unit, &input, &[plan.dir.expert(file)])
         {
             ctx.done(&m);
             continue;
@@ -663,7 +691,7 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 continue;
             }
         }
-        let run = plan.dir.expert_run(name);
+        let run = plan.dir.expert_run(file);
         let marker = run.join("selma-input");
         let same = std::fs::read_to_string(&marker).is_ok_and(|s| s.trim() == input);
         if !same && run.exists() {
@@ -671,16 +699,28 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         }
         std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
         super::store::write_atomic(&marker, input.as_bytes())?;
-        let data = if name == "joint" {
-            write_joint_data(plan, &plan.dir)?
-        } else {
+        // A skill's kept images train its expert in place; the joint
+        // baseline and unfiltered experts get a listing under experts/.
+        let data = if name != "joint" && !job.replica.unfiltered {
             plan.dir.images(name)
+        } else {
+            let suffix = if job.replica.unfiltered {
+                ".unfiltered"
+            } else {
+                ""
+            };
+            write_data(
+                plan,
+                &format!("{name}{suffix}"),
+                &skills,
+                job.replica.unfiltered,
+            )?
         };
         let t = &cfg.train;
         let tc = selma_train::trainer::TrainConfig {
             model: plan.student.clone(),
             data,
-            out: plan.dir.expert(name),
+            out: plan.dir.expert(file),
             run_dir: Some(run.clone()),
             rank: t.rank,
             alpha: t.alpha,
@@ -728,7 +768,7 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             last = s.loss;
         })?;
         b.finish_and_clear();
-        let out = hash_file(&plan.dir.expert(name))?;
+        let out = hash_file(&plan.dir.expert(file))?;
         let mut m = manifest(Stage::Train, &unit, &input, &out, true);
         m.counts.insert("updates".into(), steps as f64);
         m.counts
@@ -748,12 +788,17 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
 /// Merge the experts with every configured strategy.
 pub fn merge(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     let cfg = &plan.loaded.cfg;
-    for mp in &plan.merges {
-        let unit = format!("merged:{}", mp.name);
+    for (r, mp) in plan
+        .replicas()
+        .into_iter()
+        .flat_map(|r| plan.merges.iter().map(move |m| (r, m)))
+    {
+        let unit = format!("merged:{}{}", mp.name, r.suffix());
+        let file = format!("{}{}", mp.name, r.file_suffix());
         let mut experts = vec![];
         let mut missing = None;
         for s in &plan.skills {
-            match ctx.outputs.get(&format!("expert:{}", s.id)) {
+            match ctx.outputs.get(&format!("expert:{}{}", s.id, r.suffix())) {
                 Some(h) => experts.push(h.clone()),
                 None => missing = Some(s.id.clone()),
             }
@@ -763,7 +808,7 @@ pub fn merge(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 .push((unit, format!("expert {s} is not trained")));
             continue;
         }
-        let seed = derive_seed(plan.seed(), &["merge", &mp.name]);
+        let seed = derive_seed(plan.replica_seed(&r), &["merge", &mp.name]);
         let input = hash_json(&json!({
             "strategy": plan.plugin_id(&mp.spec), "params": serde_json::to_value(&mp.params)?,
             "weights": mp.weights, "rank": mp.rank, "experts": experts, "seed": seed,
@@ -771,7 +816,7 @@ pub fn merge(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         }));
         if let Some(m) = plan
             .dir
-            .done_with("merge", &unit, &input, &[plan.dir.merged(&mp.name)])
+            .done_with("merge", &unit, &input, &[plan.dir.merged(&file)])
         {
             ctx.done(&m);
             continue;
@@ -783,8 +828,16 @@ pub fn merge(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             ));
             continue;
         }
-        eprintln!("merge: {} experts with {}", plan.skills.len(), mp.name);
-        let paths: Vec<PathBuf> = plan.skills.iter().map(|s| plan.dir.expert(&s.id)).collect();
+        eprintln!(
+            "merge: {} experts with {} ({unit})",
+            plan.skills.len(),
+            mp.name
+        );
+        let paths: Vec<PathBuf> = plan
+            .skills
+            .iter()
+            .map(|s| plan.dir.expert(&format!("{}{}", s.id, r.file_suffix())))
+            .collect();
         let inputs = crate::merge::load_inputs(&paths)?;
         let rt = plan.runtime(seed)?;
         let plugin = rt
@@ -802,7 +855,7 @@ pub fn merge(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             },
         )
         .with_context(|| format!("merging with {}", mp.name))?;
-        let out_path = plan.dir.merged(&mp.name);
+        let out_path = plan.dir.merged(&file);
         if let Some(p) = out_path.parent() {
             std::fs::create_dir_all(p)?;
         }
