@@ -2,13 +2,13 @@
 //! own Stable Diffusion (SD 1.x / 2.x / XL), writing PNGs that carry the
 //! generation parameters in a `parameters` text chunk.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use selma_diffusion::image_io::{GenerationParams, write_png};
+use selma_diffusion::image_io::{write_png, GenerationParams};
 use selma_diffusion::pipeline::{
-    GenerateRequest, InitNoise, RgbImage, StableDiffusion, load_latents_file, parse_device,
-    parse_dtype,
+    load_latents_file, parse_device, parse_dtype, GenerateRequest, InitNoise, RgbImage,
+    StableDiffusion,
 };
 use selma_diffusion::scheduler::{SamplerOptions, SchedulerKind};
 use selma_runtime::{Runtime, RuntimeConfig};

@@ -5,8 +5,9 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
-use selma_diffusion::init::{init_model, Preset};
+use selma_diffusion::init::{build_folder_atomically, init_model_with_vocabulary, Preset};
 use selma_diffusion::weights::{SafetensorsSource, TensorSource};
+use selma_shapeworld::caption::VOCABULARY;
 use std::collections::HashMap;
 use std::path::Path;
 use std::path::PathBuf;
@@ -79,7 +80,7 @@ fn weightless_codec(dir: &std::path::Path) -> Option<String> {
 pub fn run(c: ModelCommand) -> Result<()> {
     match c {
         ModelCommand::Init(a) => {
-            let s = init_model(a.preset, &a.out, a.seed)?;
+            let s = init_model_with_vocabulary(a.preset, &a.out, a.seed, &VOCABULARY)?;
             for (part, n) in &s.params {
                 eprintln!("{part}: {n} parameters");
             }
@@ -145,45 +146,7 @@ fn convert_model(src: &Path, out: &Path, dtype: DType) -> Result<usize> {
         "{} is not a diffusers model folder (no model_index.json)",
         src.display()
     );
-    if out.exists() {
-        let empty = std::fs::read_dir(out)
-            .with_context(|| format!("{} exists and is not a folder", out.display()))?
-            .next()
-            .is_none();
-        ensure!(
-            empty,
-            "{} exists and is not empty; pick a new --out",
-            out.display()
-        );
-        std::fs::remove_dir(out).with_context(|| format!("replacing {}", out.display()))?;
-    }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        out.file_name()
-            .context("--out has no folder name")?
-            .to_string_lossy(),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).ok();
-    }
-    let res = copy_converted(src, &tmp, dtype);
-    match res {
-        Ok(n) => {
-            std::fs::rename(&tmp, out)
-                .with_context(|| format!("moving {} to {}", tmp.display(), out.display()))?;
-            Ok(n)
-        }
-        Err(e) => {
-            std::fs::remove_dir_all(&tmp).ok();
-            Err(e)
-        }
-    }
+    build_folder_atomically(out, |tmp| copy_converted(src, tmp, dtype))
 }
 
 fn copy_converted(src: &Path, dst: &Path, dtype: DType) -> Result<usize> {

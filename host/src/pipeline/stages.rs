@@ -63,7 +63,12 @@ pub fn ensure_model(plan: &Plan, dir: &Path) -> Result<()> {
     };
     let preset: selma_diffusion::init::Preset = name.parse()?;
     eprintln!("creating the {name} random model in {}", dir.display());
-    let res = selma_diffusion::init::init_model(preset, dir, m.init_seed);
+    let res = selma_diffusion::init::init_model_with_vocabulary(
+        preset,
+        dir,
+        m.init_seed,
+        &selma_shapeworld::caption::VOCABULARY,
+    );
     match res {
         Ok(_) => Ok(()),
         // Another shard may have created it at the same time.
@@ -599,24 +604,6 @@ fn skill_rows(plan: &Plan, skill: &str, unfiltered: bool) -> Result<Vec<serde_js
     Ok(rows)
 }
 
-/// Keep the loss log's lines up to `step` (a resumed run appends from there).
-fn truncate_loss_log(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    super::store::write_atomic(path, kept.as_bytes())
-}
-
 /// Does the folder hold a finished checkpoint?
 fn has_checkpoint(run: &Path) -> bool {
     std::fs::read_dir(run)
@@ -757,7 +744,6 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 trainer.dataset.len()
             );
         }
-        truncate_loss_log(&run.join("loss.jsonl"), trainer.state.step)?;
         let b = bar(plan.opts.progress, steps, "updates");
         b.set_message(unit.clone());
         b.set_position(trainer.state.step);

@@ -6,7 +6,7 @@
 //! [`Vae`] enum gives both one API (encode to a posterior, latent scaling,
 //! decode), so the sampler and the trainer do not care which one a model uses.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use serde_json::Value;

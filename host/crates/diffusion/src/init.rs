@@ -7,9 +7,9 @@
 //! checkpoint layouts), and the weights come from the seeded generator, one
 //! stream per tensor name, so the bytes depend only on preset and seed.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, View};
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -413,36 +413,11 @@ pub fn tiny_tokenizer(n_merges: usize) -> (String, String) {
     train_bpe(CORPUS.split_whitespace(), n_merges)
 }
 
-/// The ShapeWorld caption vocabulary (SHAPEWORLD-SPEC.md): 21 words.
-pub const SHAPEWORLD_WORDS: [&str; 21] = [
-    "a",
-    "one",
-    "two",
-    "three",
-    "four",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "circle",
-    "circles",
-    "square",
-    "squares",
-    "triangle",
-    "triangles",
-    "and",
-    "left",
-    "right",
-    "of",
-    "above",
-    "below",
-];
-
 /// `(vocab.json, merges.txt)` of a CLIP-style BPE tokenizer in which every
-/// ShapeWorld word is one token (merges run until each word is one symbol);
+/// word of `words` is one token (merges run until each word is one symbol);
 /// any other text still encodes, byte by byte.
-pub fn shapeworld_tokenizer() -> (String, String) {
-    train_bpe(SHAPEWORLD_WORDS.iter().copied(), usize::MAX)
+pub fn word_tokenizer(words: &[&str]) -> (String, String) {
+    train_bpe(words.iter().copied(), usize::MAX)
 }
 
 /// Train byte-level BPE with CLIP's `</w>` end-of-word marking on `words`
@@ -806,7 +781,34 @@ pub struct InitSummary {
 
 /// Write a random model of `preset` into `out` (which must not exist or be
 /// empty). Written into a sibling temp folder and renamed: all or nothing.
+/// The shapeworld preset needs its vocabulary: use [`init_model_with_vocabulary`].
 pub fn init_model(preset: Preset, out: &Path, seed: u64) -> Result<InitSummary> {
+    init_model_with_vocabulary(preset, out, seed, &[])
+}
+
+/// [`init_model`] with the words the tokenizer must keep whole (one token
+/// each); required by the shapeworld preset (the ShapeWorld vocabulary,
+/// which the caller owns), ignored by the others.
+pub fn init_model_with_vocabulary(
+    preset: Preset,
+    out: &Path,
+    seed: u64,
+    words: &[&str],
+) -> Result<InitSummary> {
+    ensure!(
+        preset != Preset::Shapeworld || !words.is_empty(),
+        "the shapeworld preset needs the ShapeWorld vocabulary (`selma model init` passes it)"
+    );
+    let params = build_folder_atomically(out, |tmp| write_model(preset, tmp, seed, words))?;
+    Ok(InitSummary {
+        dir: out.to_path_buf(),
+        params,
+    })
+}
+
+/// Create the folder `out` (which must not exist or be empty) by running
+/// `build` on a sibling temp folder and renaming it: all or nothing.
+pub fn build_folder_atomically<T>(out: &Path, build: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     if out.exists() {
         let empty = std::fs::read_dir(out)
             .with_context(|| format!("{} exists and is not a readable folder", out.display()))?
@@ -834,15 +836,12 @@ pub fn init_model(preset: Preset, out: &Path, seed: u64) -> Result<InitSummary> 
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).ok();
     }
-    let res = write_model(preset, &tmp, seed);
-    match res {
-        Ok(params) => {
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    match build(&tmp) {
+        Ok(v) => {
             std::fs::rename(&tmp, out)
                 .with_context(|| format!("moving {} to {}", tmp.display(), out.display()))?;
-            Ok(InitSummary {
-                dir: out.to_path_buf(),
-                params,
-            })
+            Ok(v)
         }
         Err(e) => {
             std::fs::remove_dir_all(&tmp).ok();
@@ -851,14 +850,19 @@ pub fn init_model(preset: Preset, out: &Path, seed: u64) -> Result<InitSummary> 
     }
 }
 
-fn write_model(preset: Preset, dir: &Path, seed: u64) -> Result<Vec<(String, usize)>> {
+fn write_model(
+    preset: Preset,
+    dir: &Path,
+    seed: u64,
+    words: &[&str],
+) -> Result<Vec<(String, usize)>> {
     for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
         std::fs::create_dir_all(dir.join(sub))
             .with_context(|| format!("creating {}", dir.join(sub).display()))?;
     }
     let sw = preset == Preset::Shapeworld;
     let (vocab, merges) = if sw {
-        shapeworld_tokenizer()
+        word_tokenizer(words)
     } else {
         tiny_tokenizer(300)
     };

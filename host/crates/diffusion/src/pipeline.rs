@@ -5,13 +5,13 @@
 //! guidance with negative prompts, SDXL micro-conditioning, seeded or
 //! file-supplied initial noise, any of our schedulers, VAE decoding.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, HiddenLayer};
-use crate::codec::{Vae, codec_class};
+use crate::codec::{codec_class, Vae};
 use crate::nn::merge_all_adapters;
 use crate::scheduler::{self, BatchNoise, SamplerOptions, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;

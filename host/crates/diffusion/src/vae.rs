@@ -6,12 +6,12 @@
 //! both attention key styles load (`to_q`/`to_out.0` and the legacy
 //! `query`/`proj_attn`, linear or 1x1-conv shaped).
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use std::path::Path;
 
-use crate::nn::{Conv2d, GroupNorm, Linear, attention, silu};
+use crate::nn::{attention, silu, Conv2d, GroupNorm, Linear};
 use crate::scheduler::GaussianRng;
 use crate::weights::Vb;
 

@@ -8,11 +8,29 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use selma_diffusion::codec::{Vae, pixel_shuffle};
-use selma_diffusion::init::{Preset, SHAPEWORLD_MAX_TOKENS, SHAPEWORLD_WORDS, init_model};
+use selma_diffusion::codec::{pixel_shuffle, Vae};
+use selma_diffusion::init::{
+    init_model, init_model_with_vocabulary, Preset, SHAPEWORLD_MAX_TOKENS,
+};
 use selma_diffusion::pipeline::{GenerateRequest, InitNoise, StableDiffusion};
 use selma_diffusion::scheduler::{GaussianRng, PredictionType, SamplerOptions, SchedulerKind};
 use selma_diffusion::vae::to_rgb8;
+
+/// Captions in the ShapeWorld style; their words are the test's vocabulary
+/// (the real one lives in selma-shapeworld, checked by tests/shapeworld_model.rs).
+const CAPTIONS: [&str; 4] = [
+    "a red circle and a green square",
+    "three blue triangles",
+    "a yellow triangle left of a green square",
+    "two red squares above a blue circle",
+];
+
+fn words() -> Vec<&'static str> {
+    let mut w: Vec<&str> = CAPTIONS.iter().flat_map(|c| c.split(' ')).collect();
+    w.sort_unstable();
+    w.dedup();
+    w
+}
 
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -106,7 +124,10 @@ fn pixel_unshuffle_codec_loads_and_round_trips_losslessly() {
 fn shapeworld_preset_loads_tokenizes_and_generates() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("sw");
-    let summary = init_model(Preset::Shapeworld, &dir, 7).unwrap();
+    let vocabulary = words();
+    // the preset needs its vocabulary
+    assert!(init_model(Preset::Shapeworld, &dir, 7).is_err());
+    let summary = init_model_with_vocabulary(Preset::Shapeworld, &dir, 7, &vocabulary).unwrap();
     let count = |part: &str| {
         summary
             .params
@@ -133,13 +154,13 @@ fn shapeworld_preset_loads_tokenizes_and_generates() {
     let tok = &sd.tokenizer;
     assert_eq!(tok.max_len(), SHAPEWORLD_MAX_TOKENS);
     let mut ids = std::collections::BTreeSet::new();
-    for w in SHAPEWORLD_WORDS {
+    for &w in &vocabulary {
         let t = tok.encode(w).unwrap();
         assert_eq!(t.len(), 1, "{w:?} -> {t:?}");
         assert_eq!(tok.decode(&t).trim(), w);
         ids.insert(t[0]);
     }
-    assert_eq!(ids.len(), SHAPEWORLD_WORDS.len(), "distinct tokens");
+    assert_eq!(ids.len(), vocabulary.len(), "distinct tokens");
     // the longest caption form fits without truncation
     let long = "a yellow triangle left of a green square";
     assert_eq!(tok.encode(long).unwrap().len(), 8);
@@ -177,7 +198,7 @@ fn shapeworld_preset_loads_tokenizes_and_generates() {
 fn codec_class_must_agree_with_model_index() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("sw");
-    init_model(Preset::Shapeworld, &dir, 0).unwrap();
+    init_model_with_vocabulary(Preset::Shapeworld, &dir, 0, &words()).unwrap();
     let idx = dir.join("model_index.json");
     let text = std::fs::read_to_string(&idx).unwrap();
     assert!(text.contains("PixelUnshuffle"), "{text}");
