@@ -1247,6 +1247,7 @@ impl Trainer {
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("creating {}", run_dir.display()))?;
         let log_path = run_dir.join("loss.jsonl");
+        trim_loss_log(&log_path, self.state.step)?;
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1273,5 +1274,51 @@ impl Trainer {
         }
         self.save_checkpoint()?;
         self.save_output()
+    }
+}
+
+/// Keeps only the lines of a loss log up to update `step` (atomically), so a
+/// resumed run (or a fresh one in a used run folder) logs each update once.
+fn trim_loss_log(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    let tmp = path.with_extension(format!("jsonl.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, kept.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_loss_log;
+
+    #[test]
+    fn trimming_keeps_each_update_up_to_the_checkpoint_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("loss.jsonl");
+        let line = |s: u64| format!("{{\"step\":{s},\"loss\":0.5}}\n");
+        let text: String = (1..=5).map(line).collect();
+        std::fs::write(&p, &text).unwrap();
+        trim_loss_log(&p, 5).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+        trim_loss_log(&p, 3).unwrap();
+        let kept: String = (1..=3).map(line).collect();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), kept);
+        trim_loss_log(&p, 0).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+        trim_loss_log(&dir.path().join("missing.jsonl"), 2).unwrap();
     }
 }
