@@ -68,16 +68,12 @@ pub fn conv2d_gemm(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn seq(shape: &[usize], seed: u32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        crate::nn::ops::testing::seq(shape, seed)
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
     }
 
     #[test]

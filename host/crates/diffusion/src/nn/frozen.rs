@@ -216,18 +216,7 @@ pub fn conv2d_input_grad(
     if kh == 1 && kw == 1 && padding == 0 && stride == 1 {
         return Ok(col.reshape((c, b, h, wd))?.transpose(0, 1)?.contiguous()?);
     }
-    let geom = Col2Im {
-        b,
-        c,
-        h,
-        w: wd,
-        kh,
-        kw,
-        oh,
-        ow,
-        padding,
-        stride,
-    };
+    let geom = Col2Im::new((b, c, h, wd), (kh, kw), padding, stride);
     Ok(col.apply_op1_no_bwd(&geom)?)
 }
 
@@ -274,7 +263,34 @@ struct Col2Im {
 }
 
 impl Col2Im {
-    fn run<T: WithDType>(&self, col: &[T]) -> Vec<T> {
+    /// The geometry of a conv of `[b, c, h, w]` with a `kh x kw` kernel
+    /// (the padded input must be at least the kernel's size).
+    fn new(
+        x: (usize, usize, usize, usize),
+        k: (usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> Self {
+        let ((b, c, h, w), (kh, kw)) = (x, k);
+        Col2Im {
+            b,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            oh: (h + 2 * padding - kh) / stride + 1,
+            ow: (w + 2 * padding - kw) / stride + 1,
+            padding,
+            stride,
+        }
+    }
+
+    /// Calls `f(col_start, x_start, len)` for every run of `len` taps of one
+    /// kernel offset along one output row: column entries `col_start + t`
+    /// pair with input entries `x_start + t * stride` (`[B, C, H, W]` layout),
+    /// skipping taps that fall into the padding.
+    fn walk(&self, mut f: impl FnMut(usize, usize, usize)) {
         let Col2Im {
             b,
             c,
@@ -288,8 +304,7 @@ impl Col2Im {
             stride,
         } = *self;
         let n = b * oh * ow;
-        let mut out = vec![T::zero(); b * c * h * w];
-        // Output columns `ox` whose input column `ox*stride + j - padding` is in range.
+        // Output positions whose input position `o*stride + k - padding` is in range.
         let range = |k: usize, len: usize, olen: usize| -> (usize, usize) {
             let lo = padding.saturating_sub(k).div_ceil(stride);
             let hi = ((len + padding).saturating_sub(k))
@@ -302,31 +317,28 @@ impl Col2Im {
                 let (y0, y1) = range(i, h, oh);
                 for j in 0..kw {
                     let (x0, x1) = range(j, w, ow);
-                    let row = &col[((ci * kh + i) * kw + j) * n..][..n];
+                    let row = ((ci * kh + i) * kw + j) * n;
                     for bi in 0..b {
-                        let dst = &mut out[(bi * c + ci) * h * w..][..h * w];
-                        let src = &row[bi * oh * ow..][..oh * ow];
                         for oy in y0..y1 {
                             let y = oy * stride + i - padding;
-                            let d = &mut dst[y * w..][..w];
-                            let s = &src[oy * ow..][..ow];
-                            if stride == 1 {
-                                let x_start = x0 + j - padding;
-                                for (dv, sv) in
-                                    d[x_start..x_start + (x1 - x0)].iter_mut().zip(&s[x0..x1])
-                                {
-                                    *dv += *sv;
-                                }
-                            } else {
-                                for ox in x0..x1 {
-                                    d[ox * stride + j - padding] += s[ox];
-                                }
-                            }
+                            let col_start = row + (bi * oh + oy) * ow + x0;
+                            let x_start = ((bi * c + ci) * h + y) * w + x0 * stride + j - padding;
+                            f(col_start, x_start, x1 - x0);
                         }
                     }
                 }
             }
         }
+    }
+
+    fn run<T: WithDType>(&self, col: &[T]) -> Vec<T> {
+        let s = self.stride;
+        let mut out = vec![T::zero(); self.b * self.c * self.h * self.w];
+        self.walk(|cs, xs, len| {
+            for (t, &v) in col[cs..cs + len].iter().enumerate() {
+                out[xs + t * s] += v;
+            }
+        });
         out
     }
 }
@@ -365,22 +377,7 @@ fn frozen_conv_forward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) ->
     {
         return Ok(conv2d_gemm(x, w, padding, stride)?.contiguous()?);
     }
-    let (oh, ow) = (
-        (h + 2 * padding - kh) / stride + 1,
-        (wd + 2 * padding - kw) / stride + 1,
-    );
-    let geom = Col2Im {
-        b,
-        c,
-        h,
-        w: wd,
-        kh,
-        kw,
-        oh,
-        ow,
-        padding,
-        stride,
-    };
+    let geom = Col2Im::new((b, c, h, wd), (kh, kw), padding, stride);
     let col = x.contiguous()?.apply_op1_no_bwd(&Im2Col(geom))?;
     let w = if w.is_contiguous() {
         w.clone()
@@ -388,6 +385,7 @@ fn frozen_conv_forward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) ->
         w.contiguous()?
     };
     let y = w.reshape((o, c * kh * kw))?.matmul(&col)?;
+    let (oh, ow) = (geom.oh, geom.ow);
     let y = y.reshape((o, b, oh, ow))?.transpose(0, 1)?;
     Ok(if b == 1 {
         y.reshape((1, o, oh, ow))?
@@ -402,53 +400,14 @@ struct Im2Col(Col2Im);
 
 impl Im2Col {
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let Col2Im {
-            b,
-            c,
-            h,
-            w,
-            kh,
-            kw,
-            oh,
-            ow,
-            padding,
-            stride,
-        } = self.0;
-        let n = b * oh * ow;
-        let mut col = vec![T::zero(); c * kh * kw * n];
-        let range = |k: usize, len: usize, olen: usize| -> (usize, usize) {
-            let lo = padding.saturating_sub(k).div_ceil(stride);
-            let hi = ((len + padding).saturating_sub(k))
-                .div_ceil(stride)
-                .min(olen);
-            (lo, hi.max(lo))
-        };
-        for ci in 0..c {
-            for i in 0..kh {
-                let (y0, y1) = range(i, h, oh);
-                for j in 0..kw {
-                    let (x0, x1) = range(j, w, ow);
-                    let row = &mut col[((ci * kh + i) * kw + j) * n..][..n];
-                    for bi in 0..b {
-                        let src = &x[(bi * c + ci) * h * w..][..h * w];
-                        let dst = &mut row[bi * oh * ow..][..oh * ow];
-                        for oy in y0..y1 {
-                            let yy = oy * stride + i - padding;
-                            let s = &src[yy * w..][..w];
-                            let d = &mut dst[oy * ow..][..ow];
-                            if stride == 1 {
-                                let xs = x0 + j - padding;
-                                d[x0..x1].copy_from_slice(&s[xs..xs + (x1 - x0)]);
-                            } else {
-                                for ox in x0..x1 {
-                                    d[ox] = s[ox * stride + j - padding];
-                                }
-                            }
-                        }
-                    }
-                }
+        let g = &self.0;
+        let s = g.stride;
+        let mut col = vec![T::zero(); g.c * g.kh * g.kw * g.b * g.oh * g.ow];
+        g.walk(|cs, xs, len| {
+            for (t, d) in col[cs..cs + len].iter_mut().enumerate() {
+                *d = x[xs + t * s];
             }
-        }
+        });
         col
     }
 }
@@ -496,17 +455,8 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::ops::testing::{max_diff, seq};
     use candle_core::{DType, Device, Var};
-
-    fn seq(shape: &[usize], seed: u32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f64 / 500.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// The GEMM + col2im input gradient equals central differences of
     /// candle's conv2d (exact: the loss is linear in x), for odd, even and
@@ -559,28 +509,10 @@ mod tests {
             let x = Var::from_tensor(&x0).unwrap();
             let yf = frozen_conv2d(x.as_tensor(), &w, pad, stride).unwrap();
             // The im2col forward equals candle's conv2d.
-            let e = (&yf - &y)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let e = max_diff(&yf, &y);
             assert!(e < 1e-12, "forward {e}");
             let gs = (yf * &g).unwrap().sum_all().unwrap().backward().unwrap();
-            let d = (gs.get(x.as_tensor()).unwrap() - &got)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let d = max_diff(gs.get(x.as_tensor()).unwrap(), &got);
             assert!(d < 1e-12);
             assert!(gs.get(&w).is_none());
         }
@@ -600,18 +532,6 @@ mod tests {
     /// gradients, and no gradient for the frozen weight or bias.
     #[test]
     fn bias_folding_matches_plain_ops() {
-        let maxd = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
         let x = Var::from_tensor(&seq(&[5, 4], 11)).unwrap();
         let (w, b) = (seq(&[3, 4], 12), seq(&[3], 13));
         let c = seq(&[5, 3], 14);
@@ -622,9 +542,9 @@ mod tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        assert!(maxd(&y, &y_ref) < 1e-14);
+        assert!(max_diff(&y, &y_ref) < 1e-14);
         let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(maxd(g.get(x.as_tensor()).unwrap(), &c.matmul(&w).unwrap()) < 1e-14);
+        assert!(max_diff(g.get(x.as_tensor()).unwrap(), &c.matmul(&w).unwrap()) < 1e-14);
         assert!(g.get(&w).is_none() && g.get(&b).is_none());
 
         let x = Var::from_tensor(&seq(&[2, 3, 7, 7], 15)).unwrap();
@@ -636,12 +556,12 @@ mod tests {
             .unwrap()
             .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
             .unwrap();
-        assert!(maxd(&y, &y_ref) < 1e-12);
+        assert!(max_diff(&y, &y_ref) < 1e-12);
         let c = seq(y.dims(), 18);
         let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = (y_ref * &c).unwrap().sum_all().unwrap().backward().unwrap();
         let gx = g.get(x.as_tensor()).unwrap();
-        assert!(maxd(gx, g_ref.get(x.as_tensor()).unwrap()) < 1e-12);
+        assert!(max_diff(gx, g_ref.get(x.as_tensor()).unwrap()) < 1e-12);
         assert!(g.get(&w).is_none() && g.get(&b).is_none());
     }
 }

@@ -239,29 +239,23 @@ trait Real: WithDType {
     fn max_(self, o: Self) -> Self;
 }
 
-impl Real for f32 {
-    fn exp_(self) -> Self {
-        self.exp()
-    }
-    fn erf_(self) -> Self {
-        candle_core::cpu::erf::erf_f32(self)
-    }
-    fn max_(self, o: Self) -> Self {
-        self.max(o)
-    }
+macro_rules! impl_real {
+    ($t:ty, $erf:path) => {
+        impl Real for $t {
+            fn exp_(self) -> Self {
+                self.exp()
+            }
+            fn erf_(self) -> Self {
+                $erf(self)
+            }
+            fn max_(self, o: Self) -> Self {
+                self.max(o)
+            }
+        }
+    };
 }
-
-impl Real for f64 {
-    fn exp_(self) -> Self {
-        self.exp()
-    }
-    fn erf_(self) -> Self {
-        candle_core::cpu::erf::erf_f64(self)
-    }
-    fn max_(self, o: Self) -> Self {
-        self.max(o)
-    }
-}
+impl_real!(f32, candle_core::cpu::erf::erf_f32);
+impl_real!(f64, candle_core::cpu::erf::erf_f64);
 
 /// The contiguous slice a layout covers.
 fn slice<'a, T>(v: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
@@ -730,12 +724,13 @@ pub fn layer_norm_frozen(
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
+/// Helpers shared by the unit tests of `nn`.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
 
-    fn seq(shape: &[usize], seed: u32) -> Tensor {
+    /// A deterministic f64 tensor with entries spread over [-2, 2).
+    pub fn seq(shape: &[usize], seed: u32) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n)
             .map(|i| {
@@ -745,18 +740,28 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    /// max |a - b| (any float dtype).
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
             .unwrap()
             .abs()
             .unwrap()
             .flatten_all()
             .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
             .max(0)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{max_diff, seq};
+    use super::*;
+    use candle_core::{Device, Var};
 
     /// Reference softmax(scale x) from plain candle ops (their own backward).
     fn softmax_ref(x: &Tensor, scale: f64) -> Tensor {
