@@ -43,7 +43,8 @@ pub struct TrainArgs {
     /// LoRA rank [default: 128].
     #[arg(long)]
     pub rank: Option<usize>,
-    /// LoRA alpha [default: 128].
+    /// LoRA alpha; scale = alpha / rank [default: 128, or the --rank given, so that
+    /// `--rank 16` alone keeps SELMA's scale of 1].
     #[arg(long)]
     pub alpha: Option<f64>,
     /// Target modules, comma separated [default: to_q,to_k,to_v,to_out.0].
@@ -164,6 +165,12 @@ pub fn config_from_args(a: &TrainArgs) -> Result<TrainConfig> {
         device,
         dtype
     );
+    if a.config.is_none() && a.alpha.is_none() {
+        if let Some(r) = a.rank {
+            // SELMA's recipe has alpha = rank (scale 1); keep that relation.
+            c.alpha = r as f64;
+        }
+    }
     if a.run_dir.is_some() {
         c.run_dir = a.run_dir.clone();
     }
@@ -293,4 +300,32 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn cfg(argv: &[&str]) -> TrainConfig {
+        let mut full = vec!["selma-train", "--model", "m", "--data", "d", "--out", "o"];
+        full.extend_from_slice(argv);
+        config_from_args(&Wrap::parse_from(full).args).unwrap()
+    }
+
+    #[test]
+    fn alpha_follows_a_given_rank_unless_set() {
+        let d = TrainConfig::default();
+        assert_eq!((cfg(&[]).rank, cfg(&[]).alpha), (d.rank, d.alpha));
+        let c = cfg(&["--rank", "16"]);
+        assert_eq!((c.rank, c.alpha), (16, 16.0));
+        let c = cfg(&["--rank", "16", "--alpha", "4"]);
+        assert_eq!((c.rank, c.alpha), (16, 4.0));
+    }
 }
