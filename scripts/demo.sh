@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The README's main job on the built-in default: one complete SELMA run
-# configured by examples/tiny.toml (the tiny random model, made on the fly;
-# the offline `template` generator; all five bundled skills; the default
-# `linear` merge; evaluation and report). The tiny model's pictures are noise:
-# this shows the machinery. Real use points a pipeline.toml at a real model
-# (examples/sd15.toml).
+# The README's main job on the built-in default: one SELMA round on ShapeWorld
+# (examples/shapeworld.toml): the shipped base model (models/shapeworld-base)
+# writes its own training images for four skills, the verifier filters them,
+# one LoRA expert per skill + the joint adapter are trained, merged with
+# `linear` and `ties`, and everything is scored by the verifier on held-out
+# prompts. Prints the table and the path of report.html.
 #
 # Usage: scripts/demo.sh [selma run options], e.g. --run-dir runs/mine
 # Re-running finds the finished stages and does no work.
+# The tiny random model's round (seconds, pictures are noise):
+#   target/debug/selma run examples/tiny.toml
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
 echo "== building selma (first build of candle and wasmtime: 10-20 minutes on 2 cores)"
 cargo build -q -p selma
-exec target/debug/selma run examples/tiny.toml "$@"
+exec target/debug/selma run examples/shapeworld.toml "$@"

@@ -339,47 +339,58 @@ fn shapeworld_ablation_run_writes_the_table() {
     assert!(err.contains("nothing to do"), "{err}");
 }
 
-/// examples/shapeworld.toml validates and runs its prompts stage against a
-/// random ShapeWorld model at its configured path (a temp copy of the layout).
+/// examples/shapeworld.toml (the main job) and examples/shapeworld-ablation.toml
+/// validate and run their prompts stage against a random ShapeWorld model at
+/// their configured path (a temp copy of the layout); the plans list one
+/// expert per skill + joint, for one seed and for 3 seeds x filtered/unfiltered.
 #[test]
-fn shapeworld_example_validates() {
+fn shapeworld_examples_validate() {
     let root = support::root();
     let dir = tempfile::tempdir().unwrap();
     let examples = dir.path().join("examples");
     std::fs::create_dir_all(&examples).unwrap();
-    let text = std::fs::read_to_string(root.join("examples/shapeworld.toml")).unwrap();
-    std::fs::write(examples.join("shapeworld.toml"), &text).unwrap();
     ok(selma()
         .args(["model", "init", "--preset", "shapeworld", "--out"])
         .arg(dir.path().join("models/shapeworld-base"))
         .output()
         .unwrap());
-    let run_dir = dir.path().join("run");
-    ok(selma()
-        .arg("run")
-        .arg(examples.join("shapeworld.toml"))
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .args(["--stages", "prompts"])
-        .output()
-        .unwrap());
-    for k in ["sw-single", "sw-counting", "sw-binding", "sw-spatial"] {
-        let p = run_dir.join(k).join("prompts.jsonl");
-        assert!(
-            std::fs::read_to_string(&p).unwrap().lines().count() >= 1,
-            "{k}"
-        );
+    for (file, units, last) in [
+        ("shapeworld.toml", 5, "joint"),
+        (
+            "shapeworld-ablation.toml",
+            3 * 2 * 5,
+            "joint/unfiltered@seed2",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join("examples").join(file)).unwrap();
+        std::fs::write(examples.join(file), &text).unwrap();
+        let run_dir = dir.path().join(format!("run-{file}"));
+        ok(selma()
+            .arg("run")
+            .arg(examples.join(file))
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .args(["--stages", "prompts"])
+            .output()
+            .unwrap());
+        for k in ["sw-single", "sw-counting", "sw-binding", "sw-spatial"] {
+            let p = run_dir.join(k).join("prompts.jsonl");
+            assert!(
+                std::fs::read_to_string(&p).unwrap().lines().count() >= 1,
+                "{file}: {k}"
+            );
+        }
+        let plan: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run_dir.join(".selma/plan.json")).unwrap(),
+        )
+        .unwrap();
+        let train: Vec<&str> = plan["train"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        assert_eq!(train.len(), units, "{file}: {train:?}");
+        assert!(train.contains(&last), "{file}: {train:?}");
     }
-    // The plan lists the ablation: unfiltered units for every seed.
-    let plan: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run_dir.join(".selma/plan.json")).unwrap())
-            .unwrap();
-    let train: Vec<&str> = plan["train"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u.as_str().unwrap())
-        .collect();
-    assert_eq!(train.len(), 3 * 2 * 5, "{train:?}");
-    assert!(train.contains(&"joint/unfiltered@seed2"), "{train:?}");
 }

@@ -585,8 +585,8 @@ mod tests {
 
     #[test]
     fn shapeworld_example_parses_with_the_ablation() {
-        let text = include_str!("../../../examples/shapeworld.toml");
-        let l = Loaded::parse(text, "shapeworld.toml", Path::new("examples")).unwrap();
+        let text = include_str!("../../../examples/shapeworld-ablation.toml");
+        let l = Loaded::parse(text, "shapeworld-ablation.toml", Path::new("examples")).unwrap();
         let c = &l.cfg;
         assert_eq!(c.run.seeds.as_deref(), Some(&[0u64, 1, 2][..]));
         assert!(c.images.ablate_filters);
@@ -632,6 +632,38 @@ mod tests {
             l.resolve(c.models.teacher.get_ref(), Path::new("/r")),
             PathBuf::from("examples/../models/shapeworld-base")
         );
+    }
+
+    /// The main job's config is the ablation's pipeline cut down: one seed,
+    /// no unfiltered variants, the same skills, filter, merges and scorer.
+    #[test]
+    fn shapeworld_quick_example_is_the_ablation_cut_down() {
+        let parse = |text: &str| {
+            Loaded::parse(text, "x.toml", Path::new("examples"))
+                .unwrap()
+                .cfg
+        };
+        let quick = parse(include_str!("../../../examples/shapeworld.toml"));
+        let full = parse(include_str!("../../../examples/shapeworld-ablation.toml"));
+        assert_eq!(quick.run.seeds, None);
+        assert!(!quick.images.ablate_filters);
+        let names = |c: &PipelineConfig| -> Vec<String> {
+            c.skills.iter().map(|s| s.name.get_ref().clone()).collect()
+        };
+        assert_eq!(names(&quick), names(&full));
+        assert_eq!(quick.images.filters, full.images.filters);
+        assert_eq!(quick.eval.scorers, full.eval.scorers);
+        assert_eq!(quick.merge.len(), full.merge.len());
+        assert_eq!(
+            quick.models.teacher.get_ref(),
+            full.models.teacher.get_ref()
+        );
+        assert_eq!(
+            (quick.train.rank, quick.train.lr),
+            (full.train.rank, full.train.lr)
+        );
+        assert!(!quick.train.random_flip);
+        assert_ne!(quick.eval.seed, Some(quick.run.seed));
     }
 
     #[test]
