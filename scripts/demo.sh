@@ -9,11 +9,11 @@
 # Usage: scripts/demo.sh [selma run options], e.g. --run-dir runs/mine
 # Re-running finds the finished stages and does no work.
 # The tiny random model's round (seconds, pictures are noise):
-#   target/debug/selma run examples/tiny.toml
+#   target/release/selma run examples/tiny.toml
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
 echo "== building selma (first build of candle and wasmtime: 10-20 minutes on 2 cores)"
-cargo build -q -p selma
-exec target/debug/selma run examples/shapeworld.toml "$@"
+cargo build --release -q -p selma
+exec target/release/selma run examples/shapeworld.toml "$@"
