@@ -213,13 +213,14 @@ fn end_to_end_then_nothing_to_do_then_only_what_changed() {
             "merged:linear"
         ]
     );
+    // An image filter gives two columns: its accuracy (pass = 1) and its score.
     assert_eq!(
         results["scorers"],
-        serde_json::json!(["degenerate", "clipscore"])
+        serde_json::json!(["degenerate accuracy", "degenerate", "clipscore"])
     );
     // Every variant x skill x scorer, each over the 2 held-out prompts.
     let cells = results["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 5 * 2 * 2);
+    assert_eq!(cells.len(), 5 * 2 * 3);
     assert!(cells.iter().all(|c| c["n"] == 2));
     for c in cells {
         let (m, lo, hi) = (
@@ -230,6 +231,8 @@ fn end_to_end_then_nothing_to_do_then_only_what_changed() {
         assert!(lo <= m && m <= hi, "{c}");
         if c["scorer"] == "clipscore" {
             assert!((0.0..=100.0).contains(&m), "{c}");
+        } else {
+            assert!((0.0..=1.0).contains(&m), "{c}");
         }
     }
     // The report embeds every image it shows (no external references).

@@ -179,16 +179,27 @@ fn shapeworld_ablation_run_writes_the_table() {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert_eq!(variants, want);
+    // Two columns per image filter: its accuracy (pass = 1) and its score.
+    let scorers = ["shapeworld-verifier accuracy", "shapeworld-verifier"];
+    assert_eq!(results["scorers"], serde_json::json!(scorers));
     let cells = results["cells"].as_array().unwrap();
     let cols: Vec<&str> = SKILLS.iter().copied().chain(["mean"]).collect();
-    assert_eq!(cells.len(), want.len() * cols.len());
+    assert_eq!(cells.len(), want.len() * cols.len() * scorers.len());
+    let cell = |v: &str, s: &str, sc: &str| {
+        cells
+            .iter()
+            .find(|c| c["variant"] == v && c["skill"] == s && c["scorer"] == sc)
+            .unwrap_or_else(|| panic!("no cell {v} x {s} x {sc}"))
+    };
     for v in &want {
         for s in &cols {
-            let c = cells
-                .iter()
-                .find(|c| c["variant"] == v.as_str() && c["skill"] == *s)
-                .unwrap_or_else(|| panic!("no cell {v} x {s}"));
-            assert_eq!(c["scorer"], "shapeworld-verifier");
+            let c = cell(v, s, "shapeworld-verifier");
+            // Accuracy counts fully verified images: never above the mean
+            // share of checks that hold.
+            let acc = cell(v, s, "shapeworld-verifier accuracy")["mean"]
+                .as_f64()
+                .unwrap();
+            assert!(acc <= c["mean"].as_f64().unwrap() + 1e-9, "{v} {s}");
             assert_eq!(c["n"], SEEDS.len(), "{v} {s}: n counts seeds");
             let (m, lo, hi) = (
                 c["mean"].as_f64().unwrap(),
@@ -209,12 +220,15 @@ fn shapeworld_ablation_run_writes_the_table() {
     // Per-seed breakdown: each aggregated cell is the mean of its seeds' means.
     let per_seed = table("Per-seed breakdown")["rows"].as_array().unwrap();
     // base once per seed; every other variant once per seed and data setting.
-    assert_eq!(per_seed.len(), SEEDS.len() * want.len() * cols.len());
+    assert_eq!(
+        per_seed.len(),
+        SEEDS.len() * want.len() * cols.len() * scorers.len()
+    );
     for v in &want {
         for s in &cols {
             let rows: Vec<&serde_json::Value> = per_seed
                 .iter()
-                .filter(|r| r[0] == v.as_str() && r[2] == *s)
+                .filter(|r| r[0] == v.as_str() && r[2] == *s && r[3] == "shapeworld-verifier")
                 .collect();
             assert_eq!(rows.len(), SEEDS.len(), "{v} {s}");
             let mut seeds: Vec<u64> = rows
@@ -228,10 +242,7 @@ fn shapeworld_ablation_run_writes_the_table() {
                 .map(|r| r[4].as_str().unwrap().parse::<f64>().unwrap())
                 .sum::<f64>()
                 / SEEDS.len() as f64;
-            let c = cells
-                .iter()
-                .find(|c| c["variant"] == v.as_str() && c["skill"] == *s)
-                .unwrap();
+            let c = cell(v, s, "shapeworld-verifier");
             assert!((c["mean"].as_f64().unwrap() - mean).abs() < 1e-5, "{v} {s}");
             // Per-seed per-skill images: held-out prompts x images per prompt.
             if *s != "mean" {
@@ -241,6 +252,22 @@ fn shapeworld_ablation_run_writes_the_table() {
             }
         }
     }
+    // Per image, the accuracy column is the verifier's verdict: it passes an
+    // image exactly when all of its checks hold (score 1).
+    let mut files = 0;
+    for d in std::fs::read_dir(run_dir.join("eval/scores")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            let t: std::collections::BTreeMap<String, Vec<f64>> =
+                serde_json::from_str(&std::fs::read_to_string(f.unwrap().path()).unwrap()).unwrap();
+            let (acc, score) = (&t[scorers[0]], &t[scorers[1]]);
+            assert_eq!(acc.len(), score.len());
+            for (a, s) in acc.iter().zip(score) {
+                assert_eq!(*a, if *s == 1.0 { 1.0 } else { 0.0 }, "{s}");
+            }
+            files += 1;
+        }
+    }
+    assert!(files >= SKILLS.len(), "{files} score files");
     // The ablation table: one row per variant, skills + mean, intervals
     // containing their means.
     let abl = table("Ablation (shapeworld-verifier)");

@@ -19,6 +19,17 @@ pub trait Scorer {
     fn name(&self) -> String;
     /// Scores one image made for `prompt`.
     fn score(&mut self, img: &RgbImage, prompt: &str) -> Result<f64>;
+    /// Every metric this scorer gives one image, by results-table column:
+    /// by default its score under its name.
+    fn metrics(&mut self, img: &RgbImage, prompt: &str) -> Result<Vec<(String, f64)>> {
+        Ok(vec![(self.name(), self.score(img, prompt)?)])
+    }
+}
+
+/// The column of an image filter's pass/fail verdicts (1 = kept): the
+/// accuracy, when the filter is a verifier.
+pub fn accuracy_column(filter: &str) -> String {
+    format!("{filter} accuracy")
 }
 
 /// An image-filter plugin used as a scorer (its verdict's score; the plugin name in errors).
@@ -40,6 +51,24 @@ impl Scorer for ImageFilterScorer {
     }
 
     fn score(&mut self, img: &RgbImage, prompt: &str) -> Result<f64> {
+        Ok(self.verdict(img, prompt)?.0)
+    }
+
+    /// The verdict's score, and the pass/fail verdict as 1/0 in the
+    /// accuracy column.
+    fn metrics(&mut self, img: &RgbImage, prompt: &str) -> Result<Vec<(String, f64)>> {
+        let (score, keep) = self.verdict(img, prompt)?;
+        let name = self.name();
+        Ok(vec![
+            (accuracy_column(&name), if keep { 1.0 } else { 0.0 }),
+            (name, score),
+        ])
+    }
+}
+
+impl ImageFilterScorer {
+    /// The plugin's (score, keep) for one image.
+    fn verdict(&mut self, img: &RgbImage, prompt: &str) -> Result<(f64, bool)> {
         let v = self
             .plugin
             .check(img, prompt, &self.params)
@@ -50,7 +79,7 @@ impl Scorer for ImageFilterScorer {
                     self.plugin.name()
                 )
             })?;
-        Ok(v.score as f64)
+        Ok((v.score as f64, v.keep))
     }
 }
 

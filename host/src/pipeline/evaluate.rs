@@ -4,7 +4,7 @@
 
 use super::config::Stage;
 use super::plan::{train_unit, Plan, Replica};
-use super::stages::{bar, load_model, read_rgb, render_png, Ctx};
+use super::stages::{bar, load_model, read_rgb, render_png, run_parallel, samplers, Ctx};
 use super::store::{
     derive_seed, file_safe, hash_file, hash_json, read_jsonl, write_json, Manifest,
 };
@@ -332,6 +332,7 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             };
             let input = hash_json(&json!({
                 "images": images_input, "scorers": scorer_ids, "clip": clip_id,
+                "metrics": ["score", "accuracy"],
             }));
             let score_path = plan
                 .dir
@@ -381,9 +382,9 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 let sd = model.as_ref().expect("loaded above");
                 let b = bar(plan.opts.progress, todo.len() as u64, "images");
                 b.set_message(format!("eval {} {}", v.name, s.id));
-                for i in todo {
+                let note = format!("Variant: {}", v.name);
+                run_parallel(samplers(plan, sd), &todo, |&i| {
                     let (p, seed) = &prompts[i];
-                    let note = format!("Variant: {}", v.name);
                     render_png(
                         sd,
                         plan,
@@ -395,7 +396,8 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                         &note,
                     )?;
                     b.inc(1);
-                }
+                    Ok(())
+                })?;
                 b.finish_and_clear();
             }
             // Scores.
@@ -407,8 +409,9 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             for (i, (p, _)) in prompts.iter().enumerate() {
                 let img = read_rgb(&dir.join(format!("{i:05}.png")))?;
                 for scorer in sc.iter_mut() {
-                    let x = scorer.score(&img, p)?;
-                    table.entry(scorer.name()).or_default().push(x);
+                    for (column, x) in scorer.metrics(&img, p)? {
+                        table.entry(column).or_default().push(x);
+                    }
                 }
             }
             let path = plan
@@ -449,15 +452,18 @@ pub fn eval(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         }
     }
     let vs = variants(plan);
-    // Scorers in config order (image filters, then CLIPScore).
+    // Scorers in config order (each image filter's accuracy and score, then
+    // CLIPScore).
     let mut scorer_names: Vec<String> = plan
         .scorers
         .iter()
-        .map(|f| {
-            plan.plugin_names
+        .flat_map(|f| {
+            let name = plan
+                .plugin_names
                 .get(f)
                 .cloned()
-                .unwrap_or_else(|| f.clone())
+                .unwrap_or_else(|| f.clone());
+            [crate::eval::scorer::accuracy_column(&name), name]
         })
         .collect();
     scorer_names.dedup();
@@ -684,12 +690,54 @@ fn ablation_results(
 
 /// The ablation tables of a results.json as aligned text (for stdout).
 pub fn ablation_text(results: &Results) -> Option<String> {
-    let mut out = String::new();
-    for t in results
+    let tables: Vec<&report::Table> = results
         .extra
         .iter()
         .filter(|t| t.title.starts_with(ABLATION_TITLE) || t.title.contains("pass rates"))
-    {
+        .collect();
+    tables_text(&tables)
+}
+
+/// The results of a run without ablation as text: per scorer a table of
+/// variants x skills (mean [95% interval]), then the pass-rate table.
+pub fn results_text(results: &Results) -> Option<String> {
+    let mut own = vec![];
+    for scorer in &results.scorers {
+        let mut header = vec!["variant".to_string()];
+        header.extend(results.skills.iter().cloned());
+        let rows = results
+            .variants
+            .iter()
+            .map(|v| {
+                let mut row = vec![v.clone()];
+                row.extend(results.skills.iter().map(|s| {
+                    results
+                        .cell(v, s, scorer)
+                        .map_or_else(|| "n/a".to_string(), fmt_ci)
+                }));
+                row
+            })
+            .collect();
+        own.push(report::Table {
+            title: format!("Results ({scorer}: mean [95% interval])"),
+            header,
+            rows,
+        });
+    }
+    let mut tables: Vec<&report::Table> = own.iter().collect();
+    tables.extend(
+        results
+            .extra
+            .iter()
+            .filter(|t| t.title.contains("pass rates")),
+    );
+    tables_text(&tables)
+}
+
+/// Plain-text tables with aligned columns.
+fn tables_text(tables: &[&report::Table]) -> Option<String> {
+    let mut out = String::new();
+    for t in tables {
         let mut widths: Vec<usize> = t.header.iter().map(|h| h.chars().count()).collect();
         for r in &t.rows {
             for (i, c) in r.iter().enumerate() {

@@ -51,7 +51,11 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
 /// The ablation and pass-rate tables of the run's results.json as text.
 fn eval_results_text(plan: &Plan) -> Option<String> {
     let r = crate::eval::Results::read(&plan.dir.results()).ok()?;
-    evaluate::ablation_text(&r)
+    if evaluate::ablation_mode(plan) {
+        evaluate::ablation_text(&r)
+    } else {
+        evaluate::results_text(&r)
+    }
 }
 
 /// Run a validated plan.
@@ -115,8 +119,8 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
         }
     }
     let report = plan.dir.report();
-    // Ablation runs print their table (then the CLI prints the report's path).
-    if evaluate::ablation_mode(plan) && ctx.waiting.is_empty() && report.is_file() {
+    // A finished run prints its table (then the CLI prints the report's path).
+    if ctx.waiting.is_empty() && report.is_file() {
         if let Some(t) = eval_results_text(plan) {
             print!("{t}");
         }
