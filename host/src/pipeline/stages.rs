@@ -250,6 +250,13 @@ pub fn load_model(plan: &Plan, dir: &Path) -> Result<selma_diffusion::pipeline::
         .with_context(|| format!("loading the model {}", dir.display()))
 }
 
+/// The run's image size: `[images]` width/height, else the model's native size.
+fn image_size(plan: &Plan, sd: &selma_diffusion::pipeline::StableDiffusion) -> (usize, usize) {
+    let im = &plan.loaded.cfg.images;
+    let native = sd.unet.config().sample_size.unwrap_or(64) * sd.vae_scale();
+    (im.width.unwrap_or(native), im.height.unwrap_or(native))
+}
+
 /// Render one image and write it (atomically) as a PNG with its parameters.
 #[allow(clippy::too_many_arguments)]
 pub fn render_png(
@@ -265,9 +272,7 @@ pub fn render_png(
     use selma_diffusion::pipeline::{GenerateRequest, InitNoise};
     use selma_diffusion::scheduler::{SamplerOptions, SchedulerKind};
     let im = &plan.loaded.cfg.images;
-    let f = sd.vae_scale();
-    let native = sd.unet.config().sample_size.unwrap_or(64) * f;
-    let (w, h) = (im.width.unwrap_or(native), im.height.unwrap_or(native));
+    let (w, h) = image_size(plan, sd);
     let scheduler: SchedulerKind = im.scheduler.get_ref().parse()?;
     let req = GenerateRequest {
         prompt: prompt.to_string(),
@@ -302,10 +307,7 @@ pub fn render_png(
 /// sampler were no faster than 1); a large model's GEMMs already use every
 /// core, and a GPU runs one sampler.
 pub fn samplers(plan: &Plan, sd: &selma_diffusion::pipeline::StableDiffusion) -> usize {
-    let im = &plan.loaded.cfg.images;
-    let f = sd.vae_scale();
-    let native = sd.unet.config().sample_size.unwrap_or(64) * f;
-    let (w, h) = (im.width.unwrap_or(native), im.height.unwrap_or(native));
+    let (f, (w, h)) = (sd.vae_scale(), image_size(plan, sd));
     if !sd.device().is_cpu() || (w / f) * (h / f) > 32 * 32 {
         return 1;
     }
