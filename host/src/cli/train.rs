@@ -50,6 +50,10 @@ pub struct TrainArgs {
     /// Target modules, comma separated [default: to_q,to_k,to_v,to_out.0].
     #[arg(long, value_delimiter = ',')]
     pub targets: Option<Vec<String>>,
+    /// Text-encoder modules adapted with --train-text-encoder in LoRA mode
+    /// [default: q_proj,k_proj,v_proj,out_proj].
+    #[arg(long, value_delimiter = ',')]
+    pub text_encoder_targets: Option<Vec<String>>,
     /// Optimizer updates [default: 5000].
     #[arg(long)]
     pub steps: Option<u64>,
@@ -116,10 +120,12 @@ pub struct TrainArgs {
     /// Train every UNet weight instead of a LoRA; --out is then a model folder.
     #[arg(long)]
     pub full: bool,
-    /// With --full: train the text encoder too (the default with --full).
+    /// Train the text encoder too: with --full every weight (the default there),
+    /// else LoRA adapters on --text-encoder-targets, saved beside the UNet's
+    /// under `text_encoder.` (peft) / `lora_te_` (kohya).
     #[arg(long, conflicts_with = "no_train_text_encoder")]
     pub train_text_encoder: bool,
-    /// With --full: keep the text encoder frozen (its embeddings are cached).
+    /// Keep the text encoder frozen (its embeddings are cached); the default for LoRA.
     #[arg(long)]
     pub no_train_text_encoder: bool,
     /// Probability of training on the empty caption, for guidance (e.g. 0.1) [default: 0].
@@ -149,6 +155,7 @@ pub fn config_from_args(a: &TrainArgs) -> Result<TrainConfig> {
         rank,
         alpha,
         targets,
+        text_encoder_targets,
         steps,
         batch,
         grad_accum,

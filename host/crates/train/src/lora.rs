@@ -15,6 +15,10 @@ use crate::rng::TrainRng;
 /// SELMA's default targets: every attention projection of the UNet.
 pub const DEFAULT_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
+/// Text-encoder targets when it trains with LoRA: CLIP's attention
+/// projections (diffusers' and kohya's text-encoder LoRA modules).
+pub const TEXT_ENCODER_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
+
 /// One adapted layer's trainable factors.
 #[derive(Debug, Clone)]
 pub struct LoraParam {
@@ -128,19 +132,24 @@ impl LoraSet {
     }
 
     /// The adapters as a LoRA file (f32, `<component>.<path>` keys), with
-    /// rank and alpha in the metadata.
+    /// rank and alpha in the metadata. The tensors are copies: an f32 CPU
+    /// variable's `to_dtype`/`to_device` share its storage, so without the
+    /// copy a later write to the variable (the EMA swap putting the current
+    /// weights back) would change a file not yet saved.
     pub fn to_lora_file(&self, extra: &BTreeMap<String, String>) -> Result<LoraFile> {
         let mut file = LoraFile::default();
         for l in &self.layers {
             let up =
                 l.up.as_tensor()
                     .to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?;
+                    .to_device(&Device::Cpu)?
+                    .copy()?;
             let down = l
                 .down
                 .as_tensor()
                 .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?;
+                .to_device(&Device::Cpu)?
+                .copy()?;
             file.layers.insert(
                 format!("{}.{}", self.component, l.path),
                 LoraLayer::new(up, down, self.alpha as f32)?,

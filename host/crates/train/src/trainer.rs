@@ -24,7 +24,7 @@ use crate::checkpoint;
 use crate::dataset::{choose_variant, load_rgb, prepare, Crop, Dataset, Variant};
 use crate::ema::{assign, snapshot, Ema};
 use crate::full::{self, FullPart};
-use crate::lora::{LoraSet, DEFAULT_TARGETS};
+use crate::lora::{LoraSet, DEFAULT_TARGETS, TEXT_ENCODER_TARGETS};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule};
 use crate::rng::TrainRng;
 
@@ -94,8 +94,11 @@ pub struct TrainConfig {
     pub dtype: String,
     /// Train every UNet weight instead of LoRA adapters; `out` is then a diffusers model folder.
     pub full: bool,
-    /// With `full`: train the text encoder(s) too (unset: on with `full`).
+    /// Train the text encoder(s) too: every weight with `full` (unset: on),
+    /// LoRA adapters on `text_encoder_targets` without it (unset: off).
     pub train_text_encoder: Option<bool>,
+    /// Text-encoder modules that get LoRA adapters when the text encoder trains in LoRA mode.
+    pub text_encoder_targets: Vec<String>,
     /// Probability of training a sample on the empty caption (for classifier-free guidance).
     pub caption_dropout: f64,
     /// EMA decay of the trained weights (0: off); the output then holds the EMA weights.
@@ -139,6 +142,7 @@ impl Default for TrainConfig {
             dtype: "f32".into(),
             full: false,
             train_text_encoder: None,
+            text_encoder_targets: TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect(),
             caption_dropout: 0.0,
             ema_decay: 0.0,
             ema_warmup: true,
@@ -168,15 +172,15 @@ impl TrainConfig {
         })
     }
 
-    /// Whether the text encoder(s) are trained (only in full mode; default on there).
+    /// Whether the text encoder(s) are trained (default: on in full mode, off with LoRA).
     pub fn trains_text_encoder(&self) -> bool {
-        self.full && self.train_text_encoder.unwrap_or(true)
+        self.train_text_encoder.unwrap_or(self.full)
     }
 
     fn check(&self) -> Result<()> {
         ensure!(
-            self.full || self.train_text_encoder != Some(true),
-            "--train-text-encoder needs --full (LoRA training adapts the UNet only)"
+            self.full || !self.trains_text_encoder() || !self.text_encoder_targets.is_empty(),
+            "--train-text-encoder with LoRA needs --text-encoder-targets"
         );
         ensure!(
             !self.full || self.dtype == "f32",
@@ -323,8 +327,10 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     /// The model (UNet with LoRA adapters attached).
     pub sd: StableDiffusion,
-    /// The trained adapters (no layers in full mode).
+    /// The trained UNet adapters (no layers in full mode).
     pub lora: LoraSet,
+    /// The trained text-encoder adapters (LoRA mode with `train_text_encoder`; else empty).
+    pub te_lora: Vec<LoraSet>,
     /// The fully trained parts (full mode; empty with LoRA).
     pub full: Vec<FullPart>,
     /// Names of the trained tensors, in optimizer order.
@@ -459,6 +465,19 @@ pub fn encode_batch(sd: &StableDiffusion, texts: &[String]) -> Result<(Tensor, O
     }
 }
 
+/// Visits every adaptable layer of the UNet and the text encoder(s).
+fn for_each_adapted(
+    sd: &mut StableDiffusion,
+    f: &mut dyn FnMut(&str, &mut dyn selma_diffusion::nn::LoraHost),
+) {
+    use selma_diffusion::nn::Adaptable;
+    sd.unet.visit_adaptable("", f);
+    sd.text_encoder.visit_adaptable("", f);
+    if let Some(te2) = &mut sd.text_encoder_2 {
+        te2.visit_adaptable("", f);
+    }
+}
+
 impl Trainer {
     /// Loads the model and data and attaches fresh adapters (seeded).
     pub fn new(cfg: TrainConfig) -> Result<Self> {
@@ -491,6 +510,26 @@ impl Trainer {
             )?;
             (lora, vec![])
         };
+        let mut te_lora = vec![];
+        if !cfg.full && cfg.trains_text_encoder() {
+            let mut encoders: Vec<(&str, &mut dyn selma_diffusion::nn::Adaptable)> =
+                vec![("text_encoder", &mut sd.text_encoder)];
+            if let Some(te2) = &mut sd.text_encoder_2 {
+                encoders.push(("text_encoder_2", te2));
+            }
+            for (component, model) in encoders {
+                te_lora.push(LoraSet::attach(
+                    model,
+                    component,
+                    &cfg.text_encoder_targets,
+                    cfg.rank,
+                    cfg.alpha,
+                    &mut rng,
+                    &device,
+                    DType::F32,
+                )?);
+            }
+        }
         let (vars, names) = if cfg.full {
             (
                 parts
@@ -500,7 +539,19 @@ impl Trainer {
                 parts.iter().flat_map(|p| p.names()).collect(),
             )
         } else {
-            (lora.vars(), lora.var_names())
+            // UNet names stay unprefixed (checkpoints of UNet-only runs resume);
+            // text-encoder names carry their component.
+            let mut vars = lora.vars();
+            let mut names = lora.var_names();
+            for set in &te_lora {
+                vars.extend(set.vars());
+                names.extend(
+                    set.var_names()
+                        .into_iter()
+                        .map(|n| format!("{}.{n}", set.component)),
+                );
+            }
+            (vars, names)
         };
         let opt = AdamW::new(vars, cfg.adam)?;
         let ema = if cfg.ema_decay > 0.0 {
@@ -517,6 +568,7 @@ impl Trainer {
             cfg,
             sd,
             lora,
+            te_lora,
             full: parts,
             names,
             opt,
@@ -1041,7 +1093,11 @@ impl Trainer {
         if let Some(e) = &self.ema {
             meta.insert("selma_ema_decay".into(), e.decay.to_string());
         }
-        self.lora.to_lora_file(&meta)
+        let mut file = self.lora.to_lora_file(&meta)?;
+        for set in &self.te_lora {
+            file.layers.extend(set.to_lora_file(&meta)?.layers);
+        }
+        Ok(file)
     }
 
     /// Runs `f` with the output weights in place (the EMA averages when EMA
@@ -1065,9 +1121,8 @@ impl Trainer {
         if self.full.is_empty() {
             // Adapters on plain (detached) views of the variables: the
             // inference path `generate --lora` takes, with no graph.
-            use selma_diffusion::nn::Adaptable;
             let mut saved = vec![];
-            self.sd.unet.visit_adaptable("", &mut |_, l| {
+            for_each_adapted(&mut self.sd, &mut |_, l| {
                 for a in l.adapters_mut() {
                     saved.push((a.up.clone(), a.down.clone()));
                     a.up = a.up.detach();
@@ -1076,7 +1131,7 @@ impl Trainer {
             });
             let r = f(&self.sd);
             let mut it = saved.into_iter();
-            self.sd.unet.visit_adaptable("", &mut |_, l| {
+            for_each_adapted(&mut self.sd, &mut |_, l| {
                 for a in l.adapters_mut() {
                     if let Some((up, down)) = it.next() {
                         a.up = up;

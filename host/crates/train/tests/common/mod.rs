@@ -41,6 +41,41 @@ pub fn dataset(dir: &Path, n: u32) -> PathBuf {
     d
 }
 
+/// `small_config` in `dir` writing `dir/out`, making the tiny model and a
+/// 3-image dataset there on first use.
+pub fn config_in(dir: &Path, out: &str) -> TrainConfig {
+    let model = dir.join("tiny");
+    if !model.is_dir() {
+        tiny_model(dir);
+    }
+    let data = dir.join("data");
+    if !data.is_dir() {
+        dataset(dir, 3);
+    }
+    small_config(&model, &data, &dir.join(out))
+}
+
+/// Renders one 64x64 image (DDIM 4 steps, guidance 2, seed `seed`): the
+/// fixture renders that trained and loaded models are compared by.
+pub fn render(sd: &selma_diffusion::pipeline::StableDiffusion, prompt: &str, seed: u64) -> Vec<u8> {
+    use selma_diffusion::pipeline::{GenerateRequest, InitNoise};
+    use selma_diffusion::scheduler::{SamplerOptions, SchedulerKind};
+    let req = GenerateRequest {
+        prompt: prompt.into(),
+        negative: String::new(),
+        steps: 4,
+        guidance: 2.0,
+        scheduler: SchedulerKind::Ddim,
+        sampler: SamplerOptions::default(),
+        width: 64,
+        height: 64,
+        batch: 1,
+        init: InitNoise::Seed(seed),
+        noise_seed: 0,
+    };
+    sd.generate(&req, &mut |_, _| {}).unwrap().remove(0).pixels
+}
+
 /// A small, fast configuration on the tiny model.
 pub fn small_config(model: &Path, data: &Path, out: &Path) -> TrainConfig {
     TrainConfig {
