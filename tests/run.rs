@@ -589,6 +589,26 @@ fn bad_pipeline_toml_fails_fast_naming_problem_and_place() {
         &cfg("[images]\nscheduler = \"fast\"\n"),
         &["pipeline.toml:7", "images.scheduler", "fast"],
     );
+    bad(
+        "replay share",
+        &cfg("[train.replay]\nshare = 1.5\nshapeworld = 10\n"),
+        &["pipeline.toml:6", "train.replay.share", "(0, 1)"],
+    );
+    bad(
+        "replay pool",
+        &cfg("[train.replay]\nshare = 0.3\n"),
+        &["pipeline.toml:6", "[train.replay]", "data", "shapeworld"],
+    );
+    bad(
+        "replay folder",
+        &cfg("[train.replay]\nshare = 0.3\ndata = \"nowhere\"\n"),
+        &[
+            "pipeline.toml:6",
+            "train.replay.data",
+            "nowhere",
+            "metadata.jsonl",
+        ],
+    );
 }
 
 #[test]

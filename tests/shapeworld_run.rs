@@ -74,6 +74,9 @@ lr = 1e-4
 resolution = 32
 random_flip = false
 save_every = 2
+[train.replay]
+share = 0.25
+shapeworld = 40
 [[merge]]
 strategy = "linear"
 [[merge]]
@@ -326,15 +329,31 @@ fn shapeworld_ablation_run_writes_the_table() {
             .collect();
         assert_eq!(lines.len(), images);
         assert_eq!(lines.iter().filter(|v| v["keep"] == true).count(), kept);
-        // Unfiltered experts trained on every image, filtered ones on the kept.
+        // Unfiltered experts trained on every image, filtered ones on the
+        // kept; each with round(n * 0.25 / 0.75) rendered replay scenes.
         let meta =
             std::fs::read_to_string(run_dir.join(row[0]).join("images/metadata.jsonl")).unwrap();
         assert_eq!(meta.lines().count(), kept);
-        let all = std::fs::read_to_string(
-            run_dir.join(format!("experts/{}.unfiltered.data/metadata.jsonl", row[0])),
-        )
-        .unwrap();
-        assert_eq!(all.lines().count(), images);
+        for seed in SEEDS {
+            for (suffix, n) in [("", kept), (".unfiltered", images)] {
+                let data = run_dir.join(format!("experts/{}{suffix}.seed{seed}.data", row[0]));
+                let rows: Vec<serde_json::Value> =
+                    std::fs::read_to_string(data.join("metadata.jsonl"))
+                        .unwrap()
+                        .lines()
+                        .map(|l| serde_json::from_str(l).unwrap())
+                        .collect();
+                let replay = rows
+                    .iter()
+                    .filter(|r| r["file_name"].as_str().unwrap().contains("/replay/"))
+                    .count();
+                assert_eq!(rows.len() - replay, n, "{}", data.display());
+                assert_eq!(replay, (n as f64 / 3.0).round() as usize);
+                for r in &rows {
+                    assert!(data.join(r["file_name"].as_str().unwrap()).is_file(), "{r}");
+                }
+            }
+        }
     }
     let total_kept: usize = prows
         .iter()

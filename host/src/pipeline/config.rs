@@ -274,9 +274,45 @@ pub struct TrainSection {
     pub save_every: u64,
     /// Output layout: peft or kohya.
     pub format: String,
+    /// Replay of pretraining-style data in every adapter's training set
+    /// (`[train.replay]`; none by default).
+    pub replay: Option<ReplaySection>,
     /// Further selma-train settings by their TrainConfig name (e.g.
     /// `ema_decay`, `caption_dropout`, `max_grad_norm`), passed through.
     pub extra: toml::Table,
+}
+
+/// `[train.replay]`: a share of every expert's (and the joint adapter's)
+/// training rows replays pretraining-style images, against forgetting what
+/// the skill data does not show. The pool is an image folder (`data`) or
+/// ShapeWorld scenes rendered for the run (`shapeworld` = how many).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaySection {
+    /// Share of the training rows that are replayed, in (0, 1): an adapter
+    /// with K skill images gets round(K * share / (1 - share)) replay rows.
+    pub share: f64,
+    /// An image folder with metadata.jsonl (relative to the config file).
+    pub data: Option<String>,
+    /// Render this many ShapeWorld scenes as the pool instead.
+    pub shapeworld: Option<usize>,
+    /// ShapeWorld caption mix of the pool (`selma shapeworld render --mix`).
+    #[serde(default = "default_replay_mix")]
+    pub mix: String,
+    /// ShapeWorld: probability that a 3-4 object count keeps its number word.
+    #[serde(default = "default_number_word_keep")]
+    pub number_word_keep: f64,
+    /// Seed of the rendered pool.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_replay_mix() -> String {
+    "single=0.2,count=0.4,binding=0.2,spatial=0.2".into()
+}
+
+fn default_number_word_keep() -> f64 {
+    0.1
 }
 
 impl Default for TrainSection {
@@ -299,6 +335,7 @@ impl Default for TrainSection {
             noise_offset: d.noise_offset,
             save_every: d.save_every,
             format: d.format,
+            replay: None,
             extra: toml::Table::new(),
         }
     }

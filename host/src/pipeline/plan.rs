@@ -388,6 +388,36 @@ pub fn validate(loaded: Loaded, opts: RunOptions) -> Result<Plan> {
         .with_context(|| format!("{}: train.format", l.at_header("[train]")))?;
     apply_train_extra(selma_train::trainer::TrainConfig::default(), &t.extra)
         .with_context(|| l.at_header("[train.extra]"))?;
+    if let Some(r) = &t.replay {
+        let at = l.at_header("[train.replay]");
+        ensure!(
+            r.share > 0.0 && r.share < 1.0,
+            "{at}: train.replay.share {} must be in (0, 1)",
+            r.share
+        );
+        match (&r.data, r.shapeworld) {
+            (Some(d), None) => {
+                let dir = l.resolve(d, &run_dir);
+                ensure!(
+                    dir.join("metadata.jsonl").is_file(),
+                    "{at}: train.replay.data {}: no metadata.jsonl there (an image folder as `selma shapeworld render` writes)",
+                    dir.display()
+                );
+            }
+            (None, Some(n)) => {
+                ensure!(n >= 1, "{at}: train.replay.shapeworld must be at least 1");
+                selma_shapeworld::Mix::parse(&r.mix)
+                    .with_context(|| format!("{at}: train.replay.mix"))?;
+                ensure!(
+                    (0.0..=1.0).contains(&r.number_word_keep),
+                    "{at}: train.replay.number_word_keep must be in [0, 1]"
+                );
+            }
+            _ => bail!(
+                "{at}: [train.replay] needs exactly one of data = \"FOLDER\" or shapeworld = COUNT"
+            ),
+        }
+    }
     range(cfg.eval.prompts >= 1, "eval.prompts", "must be at least 1")?;
     if let Some(s) = cfg.eval.steps {
         range(s >= 1, "eval.steps", "must be at least 1")?;

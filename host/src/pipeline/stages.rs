@@ -634,10 +634,10 @@ fn filters(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
 
 // ---------------------------------------------------------------- train
 
-/// A training dataset over several skills' images in `experts/<file>.data/`:
-/// each skill's kept images, or every rendered image when `unfiltered`.
-fn write_data(plan: &Plan, file: &str, skills: &[&str], unfiltered: bool) -> Result<PathBuf> {
-    let data = plan.dir.experts().join(format!("{file}.data"));
+/// The rows of a training set over several skills' images (paths relative
+/// to `experts/<file>.data/`): each skill's kept images, or every rendered
+/// image when `unfiltered`.
+fn data_rows(plan: &Plan, skills: &[&str], unfiltered: bool) -> Result<Vec<serde_json::Value>> {
     let mut rows = vec![];
     for s in skills {
         for mut r in skill_rows(plan, s, unfiltered)? {
@@ -646,8 +646,87 @@ fn write_data(plan: &Plan, file: &str, skills: &[&str], unfiltered: bool) -> Res
             rows.push(r);
         }
     }
-    write_jsonl(&data.join("metadata.jsonl"), &rows)?;
+    Ok(rows)
+}
+
+/// Writes a training listing `experts/<file>.data/metadata.jsonl`.
+fn write_data(plan: &Plan, file: &str, rows: &[serde_json::Value]) -> Result<PathBuf> {
+    let data = plan.dir.experts().join(format!("{file}.data"));
+    write_jsonl(&data.join("metadata.jsonl"), rows)?;
     Ok(data)
+}
+
+/// The replay pool of `[train.replay]`: its rows (paths usable from
+/// `experts/<file>.data/`) and a hash of its listing. A ShapeWorld pool is
+/// rendered once into `<run>/replay/` (deterministic; atomic).
+fn replay_pool(
+    plan: &Plan,
+    r: &super::config::ReplaySection,
+) -> Result<(Vec<serde_json::Value>, String)> {
+    let (dir, rel) = match (&r.data, r.shapeworld) {
+        (Some(d), _) => {
+            let dir = plan.loaded.resolve(d, &plan.dir.root);
+            let abs = std::path::absolute(&dir).unwrap_or(dir.clone());
+            (dir, abs.to_string_lossy().to_string())
+        }
+        (None, Some(n)) => {
+            let key = hash_json(&json!({
+                "count": n, "mix": r.mix, "number_word_keep": r.number_word_keep, "seed": r.seed,
+            }));
+            let name = format!("shapeworld-{}", &key[..12]);
+            let dir = plan.dir.root.join("replay").join(&name);
+            if !dir.join("metadata.jsonl").is_file() {
+                let opts = selma_shapeworld::DatasetOptions {
+                    count: n,
+                    seed: r.seed,
+                    sample: selma_shapeworld::SampleOptions {
+                        mix: selma_shapeworld::Mix::parse(&r.mix)?,
+                        number_word_keep: r.number_word_keep,
+                    },
+                    overwrite: true,
+                    threads: 0,
+                };
+                selma_shapeworld::write_dataset(&dir, &opts)
+                    .with_context(|| format!("rendering the replay pool {}", dir.display()))?;
+            }
+            (dir, format!("../../replay/{name}"))
+        }
+        (None, None) => bail!("[train.replay] names no pool"),
+    };
+    let meta = dir.join("metadata.jsonl");
+    let rows: Vec<serde_json::Value> = read_jsonl(&meta)?
+        .into_iter()
+        .map(|r: serde_json::Value| {
+            let f = r["file_name"].as_str().unwrap_or_default();
+            json!({"file_name": format!("{rel}/{f}"), "text": r["text"]})
+        })
+        .collect();
+    ensure!(
+        !rows.is_empty(),
+        "the replay pool {} is empty",
+        meta.display()
+    );
+    Ok((rows, hash_file(&meta)?))
+}
+
+/// `k` skill rows get round(k * share / (1 - share)) replay rows: a seeded
+/// shuffle of the pool, cycled when the pool is smaller.
+fn replay_rows(
+    pool: &[serde_json::Value],
+    k: usize,
+    share: f64,
+    seed: u64,
+) -> Vec<serde_json::Value> {
+    let n = (k as f64 * share / (1.0 - share)).round() as usize;
+    let mut order: Vec<usize> = (0..pool.len()).collect();
+    let mut rng = selma_shapeworld::SplitMix64::new(seed);
+    for i in (1..order.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    (0..n)
+        .map(|i| pool[order[i % pool.len()]].clone())
+        .collect()
 }
 
 /// A skill's training rows (`file_name`, `text`): the kept images, or every
@@ -675,9 +754,47 @@ fn has_checkpoint(run: &Path) -> bool {
         .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir())
 }
 
+/// One adapter to train in this invocation.
+struct TrainWork {
+    unit: String,
+    input: String,
+    file: String,
+    run: PathBuf,
+    steps: u64,
+    resume: bool,
+    config: selma_train::trainer::TrainConfig,
+}
+
+/// How many adapters train at once: one per core for a small UNet (weights
+/// under 64 MiB) on the CPU, whose GEMMs leave the second core idle (on
+/// ShapeWorld two trainers side by side ran 3.4 updates/s each where one
+/// alone ran 2.9), else one (a large model's GEMMs use every core; a GPU
+/// runs one job at a time).
+fn trainers(plan: &Plan, jobs: usize) -> usize {
+    if !plan.loaded.cfg.run.device.starts_with("cpu") {
+        return 1;
+    }
+    let unet_bytes: u64 = std::fs::read_dir(plan.student.join("unet"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    if unet_bytes == 0 || unet_bytes > 64 << 20 {
+        return 1;
+    }
+    let cores = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cores.min(jobs).max(1)
+}
+
 /// Train every expert (this shard's share) and the joint baseline.
 pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     let cfg = &plan.loaded.cfg;
+    let mut work = vec![];
     for (k, job) in plan.train_jobs().iter().enumerate() {
         let (name, unit, file) = (&job.name, job.unit.clone(), job.file.as_str());
         // Filtered data comes from the filter unit; unfiltered from the images.
@@ -704,6 +821,10 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 .push((unit, format!("images of {s} are not done")));
             continue;
         }
+        let replay = match &cfg.train.replay {
+            Some(r) => Some((r.share, replay_pool(plan, r)?)),
+            None => None,
+        };
         let student = ctx.model_id(plan, &plan.student)?;
         let steps = if name == "joint" {
             cfg.train.joint_steps.unwrap_or(cfg.train.steps)
@@ -717,6 +838,9 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         });
         if job.replica.unfiltered {
             input_json["unfiltered"] = json!(true);
+        }
+        if let Some((_, (_, pool_hash))) = &replay {
+            input_json["replay_pool"] = json!(pool_hash);
         }
         let input = hash_json(&input_json);
         if let Some(m) = plan
@@ -749,21 +873,17 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
         super::store::write_atomic(&marker, input.as_bytes())?;
         // A skill's kept images train its expert in place; the joint
-        // baseline and unfiltered experts get a listing under experts/.
-        let data = if name != "joint" && !job.replica.unfiltered {
+        // baseline, unfiltered experts and replaying runs get a listing
+        // under experts/.
+        let data = if name != "joint" && !job.replica.unfiltered && replay.is_none() {
             plan.dir.images(name)
         } else {
-            let suffix = if job.replica.unfiltered {
-                ".unfiltered"
-            } else {
-                ""
-            };
-            write_data(
-                plan,
-                &format!("{name}{suffix}"),
-                &skills,
-                job.replica.unfiltered,
-            )?
+            let mut rows = data_rows(plan, &skills, job.replica.unfiltered)?;
+            if let Some((share, (pool, _))) = &replay {
+                let extra = replay_rows(pool, rows.len(), *share, derive_seed(seed, &["replay"]));
+                rows.extend(extra);
+            }
+            write_data(plan, file, &rows)?
         };
         let t = &cfg.train;
         let tc = selma_train::trainer::TrainConfig {
@@ -793,40 +913,71 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             ..Default::default()
         };
         let tc = super::plan::apply_train_extra(tc, &t.extra)?;
-        let mut trainer =
-            selma_train::trainer::Trainer::new(tc).with_context(|| format!("training {unit}"))?;
-        if same && has_checkpoint(&run) {
+        work.push(TrainWork {
+            unit,
+            input,
+            file: file.to_string(),
+            run: run.clone(),
+            steps,
+            resume: same && has_checkpoint(&run),
+            config: tc,
+        });
+    }
+    if work.is_empty() {
+        return Ok(());
+    }
+    let parallel = trainers(plan, work.len());
+    let total: u64 = work.iter().map(|w| w.steps).sum();
+    let b = bar(plan.opts.progress, total, "updates");
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let finished = std::sync::Mutex::new(vec![]);
+    run_parallel(parallel, &work, |w| {
+        let unit = &w.unit;
+        let mut trainer = selma_train::trainer::Trainer::new(w.config.clone())
+            .with_context(|| format!("training {unit}"))?;
+        if w.resume {
             trainer
-                .resume(&run)
-                .with_context(|| format!("resuming {unit} from {}", run.display()))?;
-            eprintln!("train: {unit}: resuming from step {}", trainer.state.step);
+                .resume(&w.run)
+                .with_context(|| format!("resuming {unit} from {}", w.run.display()))?;
+            b.suspend(|| eprintln!("train: {unit}: resuming from step {}", trainer.state.step));
         } else {
-            eprintln!(
-                "train: {unit}: {} images, {steps} updates",
-                trainer.dataset.len()
-            );
+            b.suspend(|| {
+                eprintln!(
+                    "train: {unit}: {} images, {} updates",
+                    trainer.dataset.len(),
+                    w.steps
+                )
+            });
         }
-        let b = bar(plan.opts.progress, steps, "updates");
-        b.set_message(unit.clone());
-        b.set_position(trainer.state.step);
+        use std::sync::atomic::Ordering;
+        let mut seen = trainer.state.step;
+        b.inc(seen);
+        done.fetch_add(seen, Ordering::Relaxed);
         let mut last = f64::NAN;
         trainer.run(|s| {
-            b.set_position(s.step);
+            b.inc(s.step - seen);
+            seen = s.step;
             b.set_message(format!("{unit} loss {:.4}", s.loss));
             last = s.loss;
         })?;
-        b.finish_and_clear();
-        let out = hash_file(&plan.dir.expert(file))?;
-        let mut m = manifest(Stage::Train, &unit, &input, &out, true);
-        m.counts.insert("updates".into(), steps as f64);
+        let out = hash_file(&plan.dir.expert(&w.file))?;
+        let mut m = manifest(Stage::Train, unit, &w.input, &out, true);
+        m.counts.insert("updates".into(), w.steps as f64);
         m.counts
             .insert("images".into(), trainer.dataset.len() as f64);
         if last.is_finite() {
             m.counts.insert("last_loss".into(), last);
         }
         plan.dir.write_manifest(&m)?;
+        finished.lock().expect("no panics hold it").push(m);
+        Ok(())
+    })?;
+    b.finish_and_clear();
+    let mut finished = finished.into_inner().expect("workers are done");
+    finished.sort_by(|a, c| a.unit.cmp(&c.unit));
+    for m in finished {
         ctx.done(&m);
-        ctx.ran.push(unit);
+        ctx.ran.push(m.unit.clone());
     }
     Ok(())
 }
