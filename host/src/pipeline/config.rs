@@ -276,6 +276,7 @@ pub struct TrainSection {
     pub format: String,
     /// Replay of pretraining-style data in every adapter's training set
     /// (`[train.replay]`; none by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replay: Option<ReplaySection>,
     /// Further selma-train settings by their TrainConfig name (e.g.
     /// `ema_decay`, `caption_dropout`, `max_grad_norm`), passed through.

@@ -656,57 +656,112 @@ fn write_data(plan: &Plan, file: &str, rows: &[serde_json::Value]) -> Result<Pat
     Ok(data)
 }
 
-/// The replay pool of `[train.replay]`: its rows (paths usable from
-/// `experts/<file>.data/`) and a hash of its listing. A ShapeWorld pool is
-/// rendered once into `<run>/replay/` (deterministic; atomic).
+/// Where `[train.replay]`'s pool lives: its folder, how listings under
+/// `experts/<file>.data/` reach it (relative inside the run directory, so a
+/// moved run keeps working), and its identity for input hashes. A ShapeWorld
+/// pool is identified by its render settings (it is deterministic) and
+/// rendered only when an adapter trains ([`replay_rows_of`]); a folder pool
+/// by its listing and its files' names, sizes and modification times.
 fn replay_pool(
     plan: &Plan,
     r: &super::config::ReplaySection,
-) -> Result<(Vec<serde_json::Value>, String)> {
-    let (dir, rel) = match (&r.data, r.shapeworld) {
+) -> Result<(PathBuf, PathBuf, String)> {
+    match (&r.data, r.shapeworld) {
         (Some(d), _) => {
             let dir = plan.loaded.resolve(d, &plan.dir.root);
-            let abs = std::path::absolute(&dir).unwrap_or(dir.clone());
-            (dir, abs.to_string_lossy().to_string())
+            let reach = match dir.strip_prefix(&plan.dir.root) {
+                Ok(inside) => Path::new("../..").join(inside),
+                Err(_) => std::path::absolute(&dir).unwrap_or_else(|_| dir.clone()),
+            };
+            let meta = dir.join("metadata.jsonl");
+            let mut files = vec![];
+            for e in
+                std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?
+            {
+                let e = e?;
+                let m = e.metadata()?;
+                let mtime = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                files.push(json!([
+                    e.file_name().to_string_lossy(),
+                    m.len(),
+                    mtime.to_string()
+                ]));
+            }
+            files.sort_by_key(|f| f[0].as_str().unwrap_or_default().to_string());
+            let id = hash_json(&json!({"listing": hash_file(&meta)?, "files": files}));
+            Ok((dir, reach, id))
         }
         (None, Some(n)) => {
-            let key = hash_json(&json!({
-                "count": n, "mix": r.mix, "number_word_keep": r.number_word_keep, "seed": r.seed,
+            let id = hash_json(&json!({
+                "shapeworld": n, "mix": r.mix, "number_word_keep": r.number_word_keep, "seed": r.seed,
             }));
-            let name = format!("shapeworld-{}", &key[..12]);
+            let name = format!("shapeworld-{}", &id[..12]);
             let dir = plan.dir.root.join("replay").join(&name);
-            if !dir.join("metadata.jsonl").is_file() {
-                let opts = selma_shapeworld::DatasetOptions {
-                    count: n,
-                    seed: r.seed,
-                    sample: selma_shapeworld::SampleOptions {
-                        mix: selma_shapeworld::Mix::parse(&r.mix)?,
-                        number_word_keep: r.number_word_keep,
-                    },
-                    overwrite: true,
-                    threads: 0,
-                };
-                selma_shapeworld::write_dataset(&dir, &opts)
-                    .with_context(|| format!("rendering the replay pool {}", dir.display()))?;
-            }
-            (dir, format!("../../replay/{name}"))
+            Ok((dir, Path::new("../../replay").join(name), id))
         }
         (None, None) => bail!("[train.replay] names no pool"),
-    };
+    }
+}
+
+/// The pool's rows as listing rows (rendering a ShapeWorld pool first if it
+/// is not there; shards racing to render it accept the one that wins).
+fn replay_rows_of(
+    r: &super::config::ReplaySection,
+    dir: &Path,
+    reach: &Path,
+) -> Result<Vec<serde_json::Value>> {
     let meta = dir.join("metadata.jsonl");
-    let rows: Vec<serde_json::Value> = read_jsonl(&meta)?
+    if let (Some(n), false) = (r.shapeworld, meta.is_file()) {
+        let opts = selma_shapeworld::DatasetOptions {
+            count: n,
+            seed: r.seed,
+            sample: selma_shapeworld::SampleOptions {
+                mix: selma_shapeworld::Mix::parse(&r.mix)?,
+                number_word_keep: r.number_word_keep,
+            },
+            overwrite: false,
+            threads: 0,
+        };
+        if let Err(e) = selma_shapeworld::write_dataset(dir, &opts) {
+            if !meta.is_file() {
+                return Err(e)
+                    .with_context(|| format!("rendering the replay pool {}", dir.display()));
+            }
+        }
+    }
+    let mut rows = vec![];
+    for (i, r) in read_jsonl::<serde_json::Value>(&meta)?
         .into_iter()
-        .map(|r: serde_json::Value| {
-            let f = r["file_name"].as_str().unwrap_or_default();
-            json!({"file_name": format!("{rel}/{f}"), "text": r["text"]})
-        })
-        .collect();
+        .enumerate()
+    {
+        let (Some(f), Some(text)) = (r["file_name"].as_str(), r["text"].as_str()) else {
+            bail!(
+                "{} line {}: needs file_name and text",
+                meta.display(),
+                i + 1
+            );
+        };
+        let path = reach.join(f);
+        rows.push(json!({"file_name": path.to_string_lossy(), "text": text}));
+    }
     ensure!(
         !rows.is_empty(),
         "the replay pool {} is empty",
         meta.display()
     );
-    Ok((rows, hash_file(&meta)?))
+    Ok(rows)
+}
+
+/// Whether `[train.extra]` turns on an EMA of the LoRA weights.
+fn extra_has_ema(extra: &toml::Table) -> bool {
+    extra
+        .get("ema_decay")
+        .and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)))
+        .is_some_and(|d| d > 0.0)
 }
 
 /// `k` skill rows get round(k * share / (1 - share)) replay rows: a seeded
@@ -794,6 +849,10 @@ fn trainers(plan: &Plan, jobs: usize) -> usize {
 /// Train every expert (this shard's share) and the joint baseline.
 pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     let cfg = &plan.loaded.cfg;
+    let replay = match &cfg.train.replay {
+        Some(r) => Some(replay_pool(plan, r)?),
+        None => None,
+    };
     let mut work = vec![];
     for (k, job) in plan.train_jobs().iter().enumerate() {
         let (name, unit, file) = (&job.name, job.unit.clone(), job.file.as_str());
@@ -821,10 +880,6 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 .push((unit, format!("images of {s} are not done")));
             continue;
         }
-        let replay = match &cfg.train.replay {
-            Some(r) => Some((r.share, replay_pool(plan, r)?)),
-            None => None,
-        };
         let student = ctx.model_id(plan, &plan.student)?;
         let steps = if name == "joint" {
             cfg.train.joint_steps.unwrap_or(cfg.train.steps)
@@ -839,8 +894,13 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         if job.replica.unfiltered {
             input_json["unfiltered"] = json!(true);
         }
-        if let Some((_, (_, pool_hash))) = &replay {
-            input_json["replay_pool"] = json!(pool_hash);
+        if let Some((_, _, id)) = &replay {
+            input_json["replay_pool"] = json!(id);
+        }
+        if extra_has_ema(&cfg.train.extra) {
+            // LoRA files trained with an EMA held the raw weights before
+            // the fix of the trainer's save; retrain them.
+            input_json["ema_saved"] = json!(true);
         }
         let input = hash_json(&input_json);
         if let Some(m) = plan
@@ -879,8 +939,9 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
             plan.dir.images(name)
         } else {
             let mut rows = data_rows(plan, &skills, job.replica.unfiltered)?;
-            if let Some((share, (pool, _))) = &replay {
-                let extra = replay_rows(pool, rows.len(), *share, derive_seed(seed, &["replay"]));
+            if let (Some(r), Some((dir, reach, _))) = (&cfg.train.replay, &replay) {
+                let pool = replay_rows_of(r, dir, reach)?;
+                let extra = replay_rows(&pool, rows.len(), r.share, derive_seed(seed, &["replay"]));
                 rows.extend(extra);
             }
             write_data(plan, file, &rows)?
@@ -929,9 +990,8 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
     let parallel = trainers(plan, work.len());
     let total: u64 = work.iter().map(|w| w.steps).sum();
     let b = bar(plan.opts.progress, total, "updates");
-    let done = std::sync::atomic::AtomicU64::new(0);
     let finished = std::sync::Mutex::new(vec![]);
-    run_parallel(parallel, &work, |w| {
+    let result = run_parallel(parallel, &work, |w| {
         let unit = &w.unit;
         let mut trainer = selma_train::trainer::Trainer::new(w.config.clone())
             .with_context(|| format!("training {unit}"))?;
@@ -949,17 +1009,17 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
                 )
             });
         }
-        use std::sync::atomic::Ordering;
         let mut seen = trainer.state.step;
         b.inc(seen);
-        done.fetch_add(seen, Ordering::Relaxed);
         let mut last = f64::NAN;
-        trainer.run(|s| {
-            b.inc(s.step - seen);
-            seen = s.step;
-            b.set_message(format!("{unit} loss {:.4}", s.loss));
-            last = s.loss;
-        })?;
+        trainer
+            .run(|s| {
+                b.inc(s.step - seen);
+                seen = s.step;
+                b.set_message(format!("{unit} loss {:.4}", s.loss));
+                last = s.loss;
+            })
+            .with_context(|| format!("training {unit}"))?;
         let out = hash_file(&plan.dir.expert(&w.file))?;
         let mut m = manifest(Stage::Train, unit, &w.input, &out, true);
         m.counts.insert("updates".into(), w.steps as f64);
@@ -971,8 +1031,9 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         plan.dir.write_manifest(&m)?;
         finished.lock().expect("no panics hold it").push(m);
         Ok(())
-    })?;
+    });
     b.finish_and_clear();
+    result?;
     let mut finished = finished.into_inner().expect("workers are done");
     finished.sort_by(|a, c| a.unit.cmp(&c.unit));
     for m in finished {
@@ -1081,7 +1142,8 @@ pub fn require(ctx: &Ctx, unit: &str) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::run_parallel;
+    use super::{replay_rows, run_parallel};
+    use serde_json::json;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
@@ -1123,5 +1185,28 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(err.to_string(), "job 7 failed");
+    }
+
+    /// Replay rows: round(k s / (1 - s)) of them, distinct while the pool
+    /// lasts, then cycling; the same seed gives the same rows.
+    #[test]
+    fn replay_rows_share_distinctness_and_seed() {
+        let pool: Vec<serde_json::Value> = (0..10).map(|i| json!({"file_name": i})).collect();
+        let names = |rows: &[serde_json::Value]| -> Vec<i64> {
+            rows.iter()
+                .map(|r| r["file_name"].as_i64().unwrap())
+                .collect()
+        };
+        // 7 skill rows at share 0.3 -> 3 replay rows; 14 at 0.5 -> 14.
+        assert_eq!(replay_rows(&pool, 7, 0.3, 1).len(), 3);
+        let many = names(&replay_rows(&pool, 14, 0.5, 1));
+        assert_eq!(many.len(), 14);
+        let mut first: Vec<i64> = many[..10].to_vec();
+        first.sort();
+        assert_eq!(first, (0..10).collect::<Vec<i64>>(), "a whole pass first");
+        assert_eq!(&many[10..], &many[..4], "then the same order again");
+        assert_eq!(many, names(&replay_rows(&pool, 14, 0.5, 1)));
+        assert_ne!(many, names(&replay_rows(&pool, 14, 0.5, 2)));
+        assert!(replay_rows(&pool, 0, 0.3, 1).is_empty());
     }
 }

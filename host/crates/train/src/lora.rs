@@ -102,9 +102,14 @@ impl LoraSet {
         if let Some(e) = err {
             return Err(e);
         }
+        let flag = if component == "unet" {
+            "--targets"
+        } else {
+            "--text-encoder-targets"
+        };
         ensure!(
             !layers.is_empty(),
-            "no layer of the {component} matches --targets {}",
+            "no layer of the {component} matches {flag} {}",
             targets.join(",")
         );
         Ok(Self {

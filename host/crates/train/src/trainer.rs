@@ -1024,6 +1024,7 @@ impl Trainer {
             rank,
             alpha,
             targets,
+            text_encoder_targets,
             batch,
             grad_accum,
             resolution,

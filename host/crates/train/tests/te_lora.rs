@@ -139,5 +139,8 @@ fn text_encoder_targets_that_match_nothing_are_named() {
     let mut cfg = config(dir.path(), "bad.safetensors");
     cfg.text_encoder_targets = vec!["to_q".into()];
     let e = format!("{:#}", Trainer::new(cfg).err().unwrap());
-    assert!(e.contains("text_encoder") && e.contains("to_q"), "{e}");
+    assert!(
+        e.contains("text_encoder") && e.contains("--text-encoder-targets to_q"),
+        "{e}"
+    );
 }
