@@ -6,17 +6,17 @@
 # models/shapeworld-base/eval/ on the f16 copy that is shipped.
 #
 # Usage: scripts/train-shapeworld-base.sh [WORK_DIR]   (default runs/shapeworld-base)
-#   STEPS=N   optimizer updates (default 3000, the shipped model)
+#   STEPS=N   optimizer updates (default 4000, the shipped model)
 #   RESUME=1  continue WORK_DIR/base.run from its newest checkpoint
 #
 # The recipe (SHAPEWORLD.md): pixel-unshuffle codec, v-prediction on the
 # cosine schedule, AdamW lr 1e-3 with warm-up, gradient clip 1.0, caption
 # dropout 10%, EMA 0.995, no flips (left/right captions); data 100k scenes,
 # 20% single, 40% count (number word kept for 3-4 objects only 10% of the
-# time: weak at counting by data), 20% binding, 20% spatial. Batch 32 (the
-# recipe's 64 did not fit the time): 3000 updates = 96k samples.
-# Time: 0.63-0.66 updates/s on a quiet 2-core machine (AVX2 build) (about 80 minutes for
-# 3000), 0.2-0.4 when other jobs share the cores. The shipped weights come
+# time: weak at counting by data), 20% binding, 20% spatial. Batch 32:
+# 4000 updates = 128k samples, the recipe's 2000 x 64.
+# Time: 0.63-0.66 updates/s on a quiet 2-core machine (AVX2 build) (about 105 minutes
+# for 4000), 0.2-0.4 when other jobs share the cores. The shipped weights come
 # from one run resumed from its checkpoints across 4 sessions (resume is exact)
 # with different thread counts, built before gemm's AVX-512 kernels were
 # enabled: a rerun reproduces the recipe and the accuracy band, not the same
@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-runs/shapeworld-base}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-4000}
 SEED=0
 DATA_SEED=1
 
