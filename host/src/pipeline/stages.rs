@@ -311,6 +311,11 @@ pub fn samplers(plan: &Plan, sd: &selma_diffusion::pipeline::StableDiffusion) ->
     if !sd.device().is_cpu() || (w / f) * (h / f) > 32 * 32 {
         return 1;
     }
+    cpu_cores()
+}
+
+/// The cores selma uses: RAYON_NUM_THREADS when set, else every core.
+fn cpu_cores() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
@@ -838,12 +843,7 @@ fn trainers(plan: &Plan, jobs: usize) -> usize {
     if unet_bytes == 0 || unet_bytes > 64 << 20 {
         return 1;
     }
-    let cores = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    cores.min(jobs).max(1)
+    cpu_cores().min(jobs).max(1)
 }
 
 /// Train every expert (this shard's share) and the joint baseline.
@@ -853,6 +853,9 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         Some(r) => Some(replay_pool(plan, r)?),
         None => None,
     };
+    // The pool's rows, read (and a ShapeWorld pool rendered) once, when the
+    // first adapter that needs them trains.
+    let mut pool: Option<Vec<serde_json::Value>> = None;
     let mut work = vec![];
     for (k, job) in plan.train_jobs().iter().enumerate() {
         let (name, unit, file) = (&job.name, job.unit.clone(), job.file.as_str());
@@ -940,8 +943,11 @@ pub fn train(plan: &Plan, ctx: &mut Ctx) -> Result<()> {
         } else {
             let mut rows = data_rows(plan, &skills, job.replica.unfiltered)?;
             if let (Some(r), Some((dir, reach, _))) = (&cfg.train.replay, &replay) {
-                let pool = replay_rows_of(r, dir, reach)?;
-                let extra = replay_rows(&pool, rows.len(), r.share, derive_seed(seed, &["replay"]));
+                if pool.is_none() {
+                    pool = Some(replay_rows_of(r, dir, reach)?);
+                }
+                let pool = pool.as_deref().unwrap_or_default();
+                let extra = replay_rows(pool, rows.len(), r.share, derive_seed(seed, &["replay"]));
                 rows.extend(extra);
             }
             write_data(plan, file, &rows)?
