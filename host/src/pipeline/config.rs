@@ -630,7 +630,7 @@ mod tests {
         assert!(c.images.ablate_filters);
         assert_eq!(c.images.filters[0].get_ref(), "shapeworld-verifier");
         assert_eq!(c.eval.scorers[0].get_ref(), "shapeworld-verifier");
-        assert_eq!((c.images.steps, c.images.guidance), (25, 1.5));
+        assert_eq!((c.images.steps, c.images.guidance), (15, 1.5));
         assert_eq!(c.images.scheduler.get_ref(), "ddim");
         let t = &c.train;
         assert_eq!(
@@ -696,10 +696,14 @@ mod tests {
             quick.models.teacher.get_ref(),
             full.models.teacher.get_ref()
         );
-        assert_eq!(
-            (quick.train.rank, quick.train.lr),
-            (full.train.rank, full.train.lr)
-        );
+        // The same recipe, so the main job's numbers are one seed of the ablation's.
+        let recipe = |c: &PipelineConfig| {
+            let (i, t, e) = (&c.images, &c.train, &c.eval);
+            let sampler = (i.per_prompt, i.steps, i.guidance, e.steps, e.guidance);
+            (sampler, (t.rank, t.lr, t.steps, t.batch), t.extra.clone())
+        };
+        assert_eq!(recipe(&quick), recipe(&full));
+        assert_eq!(quick.train.replay, full.train.replay);
         assert!(!quick.train.random_flip);
         assert_ne!(quick.eval.seed, Some(quick.run.seed));
     }
