@@ -20,8 +20,10 @@ import sys
 
 
 def passes(root, variant, skill, scorer):
+    if variant is None:  # no base for this seed
+        return None
     path = os.path.join(root, variant, skill + ".json")
-    if variant is None or not os.path.exists(path):
+    if not os.path.exists(path):
         return None
     return [x >= 1 - 1e-6 for x in json.load(open(path))[scorer]]
 
