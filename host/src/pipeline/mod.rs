@@ -7,15 +7,19 @@
 //! merges on held-out prompts -> results.json -> report.html.
 
 pub mod config;
-pub mod evaluate;
+pub mod driver;
 pub mod plan;
 pub mod stages;
 pub mod status;
 pub mod store;
+pub mod tables;
+pub mod unit;
+pub mod validate;
 
 pub use config::{Loaded, Stage};
-pub use plan::{validate, Plan, RunOptions};
+pub use plan::{Plan, RunOptions};
 pub use store::Shard;
+pub use validate::validate;
 
 use anyhow::Result;
 use std::path::PathBuf;
@@ -51,10 +55,10 @@ pub fn run(opts: RunOptions) -> Result<RunSummary> {
 /// The ablation and pass-rate tables of the run's results.json as text.
 fn eval_results_text(plan: &Plan) -> Option<String> {
     let r = crate::eval::Results::read(&plan.dir.results()).ok()?;
-    if evaluate::ablation_mode(plan) {
-        evaluate::ablation_text(&r)
+    if stages::eval::ablation_mode(plan) {
+        tables::ablation_text(&r)
     } else {
-        evaluate::results_text(&r)
+        tables::results_text(&r)
     }
 }
 
@@ -94,23 +98,23 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
         ),
     ] {
         if std::fs::read(&path).ok().as_deref() != Some(bytes) {
-            store::write_atomic(&path, bytes)?;
+            selma_io::write_atomic(&path, bytes)?;
         }
     }
-    let mut ctx = stages::Ctx::default();
-    type StageFn = fn(&Plan, &mut stages::Ctx) -> Result<()>;
+    let mut d = driver::Driver::new(plan);
+    type StageFn = fn(&mut driver::Driver) -> Result<()>;
     let steps: [(Stage, StageFn); 6] = [
-        (Stage::Prompts, stages::prompts),
-        (Stage::Images, stages::images),
-        (Stage::Train, stages::train),
-        (Stage::Merge, stages::merge),
-        (Stage::Eval, evaluate::eval),
-        (Stage::Report, evaluate::write_report),
+        (Stage::Prompts, stages::prompts::run),
+        (Stage::Images, stages::images::run),
+        (Stage::Train, stages::train::run),
+        (Stage::Merge, stages::merge::run),
+        (Stage::Eval, stages::eval::run),
+        (Stage::Report, stages::report::run),
     ];
     for (stage, f) in steps {
-        let (t0, before) = (std::time::Instant::now(), ctx.ran.len());
-        f(plan, &mut ctx)?;
-        let ran = ctx.ran.len() - before;
+        let (t0, before) = (std::time::Instant::now(), d.ran.len());
+        f(&mut d)?;
+        let ran = d.ran.len() - before;
         if ran > 0 {
             eprintln!(
                 "{stage}: {ran} unit(s) done in {:.1}s",
@@ -120,15 +124,15 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
     }
     let report = plan.dir.report();
     // A finished run prints its table (then the CLI prints the report's path).
-    if ctx.waiting.is_empty() && report.is_file() {
+    if d.waiting.is_empty() && report.is_file() {
         if let Some(t) = eval_results_text(plan) {
             print!("{t}");
         }
     }
     Ok(RunSummary {
         run_dir: plan.dir.root.clone(),
-        ran: ctx.ran,
-        waiting: ctx.waiting,
+        ran: d.ran.iter().map(|u| u.to_string()).collect(),
+        waiting: d.waiting,
         report: report.is_file().then_some(report),
     })
 }

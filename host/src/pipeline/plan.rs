@@ -1,17 +1,15 @@
-//! Validation of a parsed `pipeline.toml` into a [`Plan`], before any work:
-//! model folders exist and are diffusers folders (or will be created as the
-//! tiny model), every plugin loads and is of the kind its place needs, every
-//! parameter fits its plugin's schema, every value is in range. Errors name
-//! the file, the line and the key.
+//! A validated run, [`Plan`]: the resolved skills, merges, plugins and
+//! models, the replicas (seeds and data settings) and the adapters to
+//! train; [`validate`](super::validate::validate) makes one from a config.
 
 use super::config::{Loaded, Stage};
-use super::store::{hash_file, RunDir, Shard};
-use anyhow::{bail, ensure, Context, Result};
-use selma_runtime::{PluginKind, Runtime, RuntimeConfig};
+use super::store::{RunDir, Shard};
+use super::unit::{Tag, Unit};
+use anyhow::{ensure, Result};
+use selma_runtime::{Runtime, RuntimeConfig};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use toml::Spanned;
 
 /// How `selma run` was invoked.
 #[derive(Debug, Clone, Default)]
@@ -117,10 +115,15 @@ pub struct TrainJob {
     pub name: String,
     /// Its replica.
     pub replica: Replica,
-    /// Unit name (`expert:<skill>[/unfiltered][@seed<N>]`, `joint...`).
-    pub unit: String,
     /// File stem under `experts/`.
     pub file: String,
+}
+
+impl TrainJob {
+    /// Its unit (`expert:<skill>[/unfiltered][@seed<N>]`, `joint...`).
+    pub fn unit(&self) -> Unit {
+        Unit::adapter(&self.name, Tag::of(&self.replica))
+    }
 }
 
 /// A validated run.
@@ -255,7 +258,6 @@ impl Plan {
         for r in self.replicas() {
             for name in self.train_units() {
                 out.push(TrainJob {
-                    unit: format!("{}{}", train_unit(&name), r.suffix()),
                     file: format!("{name}{}", r.file_suffix()),
                     name,
                     replica: r,
@@ -288,492 +290,31 @@ pub fn check_diffusers_folder(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Validate the config; load every plugin once.
-pub fn validate(loaded: Loaded, opts: RunOptions) -> Result<Plan> {
-    let cfg = &loaded.cfg;
-    let l = &loaded;
-    // Run directory.
-    let run_dir = match (&opts.run_dir, &cfg.run.dir) {
-        (Some(d), _) => d.clone(),
-        (None, Some(d)) => l.resolve(d.get_ref(), Path::new(".")),
-        (None, None) => {
-            let stem = opts
-                .config
-                .as_ref()
-                .and_then(|p| p.file_stem())
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_else(|| "tiny".into());
-            PathBuf::from("runs").join(stem)
-        }
-    };
-    // Values.
-    let range = |ok: bool, key: &str, what: &str| -> Result<()> {
-        ensure!(
-            ok,
-            "{}: {key} {what}",
-            l.at_header(&format!("[{}]", key.split('.').next().unwrap_or(key)))
-        );
-        Ok(())
-    };
-    selma_diffusion::pipeline::parse_dtype(&cfg.run.dtype)
-        .with_context(|| format!("{}: run.dtype", l.at_header("[run]")))?;
-    ensure!(
-        cfg.run.device == "cpu" || cfg.run.device.starts_with("cuda"),
-        "{}: run.device {:?}: use cpu or cuda:N",
-        l.at_header("[run]"),
-        cfg.run.device
-    );
-    ensure!(
-        !cfg.skills.is_empty(),
-        "{}: no [[skills]]: name at least one skill",
-        l.origin
-    );
-    let im = &cfg.images;
-    range(
-        im.per_prompt >= 1,
-        "images.per_prompt",
-        "must be at least 1",
-    )?;
-    range(im.steps >= 1, "images.steps", "must be at least 1")?;
-    range(
-        im.guidance.is_finite(),
-        "images.guidance",
-        "must be a finite number",
-    )?;
-    range(im.eta >= 0.0, "images.eta", "must be >= 0")?;
-    for (k, v) in [("images.width", im.width), ("images.height", im.height)] {
-        if let Some(v) = v {
-            range(
-                v >= 8 && v.is_multiple_of(8),
-                k,
-                "must be a positive multiple of 8",
-            )?;
-        }
-    }
-    im.scheduler
-        .get_ref()
-        .parse::<selma_diffusion::scheduler::SchedulerKind>()
-        .with_context(|| format!("{}: images.scheduler", l.at(&im.scheduler)))?;
-    let t = &cfg.train;
-    range(t.rank >= 1, "train.rank", "must be at least 1")?;
-    range(t.alpha > 0.0, "train.alpha", "must be > 0")?;
-    range(t.steps >= 1, "train.steps", "must be at least 1")?;
-    range(t.batch >= 1, "train.batch", "must be at least 1")?;
-    range(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")?;
-    range(
-        t.lr > 0.0 && t.lr.is_finite(),
-        "train.lr",
-        "must be a positive number",
-    )?;
-    range(
-        t.resolution >= 8 && t.resolution.is_multiple_of(8),
-        "train.resolution",
-        "must be a positive multiple of 8",
-    )?;
-    range(
-        !t.targets.is_empty(),
-        "train.targets",
-        "must name at least one module",
-    )?;
-    range(
-        matches!(
-            t.lr_schedule.as_str(),
-            "constant" | "constant_with_warmup" | "cosine"
-        ),
-        "train.lr_schedule",
-        "must be constant, constant_with_warmup or cosine",
-    )?;
-    t.format
-        .parse::<selma_lora::LoraFormat>()
-        .with_context(|| format!("{}: train.format", l.at_header("[train]")))?;
-    apply_train_extra(selma_train::trainer::TrainConfig::default(), &t.extra)
-        .with_context(|| l.at_header("[train.extra]"))?;
-    if let Some(r) = &t.replay {
-        let at = l.at_header("[train.replay]");
-        ensure!(
-            r.share > 0.0 && r.share < 1.0,
-            "{at}: train.replay.share {} must be in (0, 1)",
-            r.share
-        );
-        match (&r.data, r.shapeworld) {
-            (Some(d), None) => {
-                let dir = l.resolve(d, &run_dir);
-                ensure!(
-                    dir.join("metadata.jsonl").is_file(),
-                    "{at}: train.replay.data {}: no metadata.jsonl there (an image folder as `selma shapeworld render` writes)",
-                    dir.display()
-                );
-            }
-            (None, Some(n)) => {
-                ensure!(n >= 1, "{at}: train.replay.shapeworld must be at least 1");
-                selma_shapeworld::Mix::parse(&r.mix)
-                    .with_context(|| format!("{at}: train.replay.mix"))?;
-                ensure!(
-                    (0.0..=1.0).contains(&r.number_word_keep),
-                    "{at}: train.replay.number_word_keep must be in [0, 1]"
-                );
-            }
-            _ => bail!(
-                "{at}: [train.replay] needs exactly one of data = \"FOLDER\" or shapeworld = COUNT"
-            ),
-        }
-    }
-    range(cfg.eval.prompts >= 1, "eval.prompts", "must be at least 1")?;
-    if let Some(s) = cfg.eval.steps {
-        range(s >= 1, "eval.steps", "must be at least 1")?;
-    }
-    ensure!(!cfg.merge.is_empty(), "{}: [[merge]] is empty", l.origin);
-    if let Some(p) = &cfg.models.init_preset {
-        ensure!(
-            matches!(p.get_ref().as_str(), "tiny" | "shapeworld"),
-            "{}: models.init_preset = {:?}: use \"tiny\" or \"shapeworld\"",
-            l.at(p),
-            p.get_ref()
-        );
-    }
-    if let Some(seeds) = &cfg.run.seeds {
-        range(
-            !seeds.is_empty(),
-            "run.seeds",
-            "must list at least one seed",
-        )?;
-        let mut u = seeds.clone();
-        u.sort();
-        u.dedup();
-        range(
-            u.len() == seeds.len(),
-            "run.seeds",
-            "lists a seed twice: give distinct seeds",
-        )?;
-    }
-    range(
-        !cfg.images.ablate_filters || !cfg.images.filters.is_empty(),
-        "images.ablate_filters",
-        "needs at least one image filter in images.filters (without one, filtered = unfiltered)",
-    )?;
-
-    // Models.
-    let model_path = |v: &Spanned<String>, key: &str| -> Result<PathBuf> {
-        let p = l.resolve(v.get_ref(), &run_dir);
-        if !p.exists() && cfg.models.preset().is_some() {
-            return Ok(p);
-        }
-        check_diffusers_folder(&p).with_context(|| {
-            format!(
-                "{}: models.{key} = {:?}{}",
-                l.at(v),
-                v.get_ref(),
-                if p.exists() {
-                    ""
-                } else {
-                    " (set models.init_tiny = true or models.init_preset = \"shapeworld\" to create a random model there)"
-                }
-            )
-        })?;
-        Ok(p)
-    };
-    let teacher = model_path(&cfg.models.teacher, "teacher")?;
-    let student = match &cfg.models.student {
-        Some(s) => model_path(s, "student")?,
-        None => teacher.clone(),
-    };
-
-    // LLM.
-    let llm = cfg.llm.as_ref().map(|s| {
-        let mut c = selma_llm::LlmConfig::new(s.endpoint.clone(), s.model.clone());
-        c.api_key_env = s.api_key_env.clone();
-        c.chat = s.chat;
-        c.timeout = Duration::from_secs(s.timeout_s.max(1));
-        c.max_retries = s.retries;
-        c
-    });
-
-    // Plugins.
-    let runtime = Runtime::new(RuntimeConfig {
-        log_to_stderr: false,
-        ..Default::default()
-    })?;
-    let mut plugin_ids = HashMap::new();
-    let mut plugin_names = HashMap::new();
-    let mut check_plugin = |v: &Spanned<String>, key: &str, want: PluginKind| -> Result<String> {
-        let spec = v.get_ref().clone();
-        let is_path = spec.ends_with(".wasm") || spec.contains('/') || spec.contains('\\');
-        let resolved = if is_path {
-            l.resolve(&spec, &run_dir).to_string_lossy().to_string()
-        } else {
-            spec.clone()
-        };
-        let place = format!("{}: {key} = {spec:?}", l.at(v));
-        if is_path {
-            ensure!(
-                Path::new(&resolved).is_file(),
-                "{place}: plugin file {resolved} does not exist"
-            );
-        }
-        let kind = runtime.kind_of(&resolved).with_context(|| place.clone())?;
-        ensure!(
-            kind == want,
-            "{place}: this plugin is a {} plugin, but {key} needs a {} plugin",
-            kind.as_str(),
-            want.as_str()
-        );
-        let meta = runtime.inspect(&resolved).with_context(|| place.clone())?;
-        let id = if is_path {
-            format!("file:{}", hash_file(Path::new(&resolved))?)
-        } else {
-            format!(
-                "bundled:{}@{}:{}",
-                meta.name,
-                meta.version,
-                env!("CARGO_PKG_VERSION")
-            )
-        };
-        plugin_ids.insert(resolved.clone(), id);
-        plugin_names.insert(resolved.clone(), meta.name.clone());
-        if let Some(table) = cfg.params.get(&meta.name) {
-            selma_runtime::Params::from_toml(&meta, table).with_context(|| {
-                format!(
-                    "{}: [params.{}]",
-                    l.at_header(&format!("[params.{}]", meta.name)),
-                    meta.name
-                )
-            })?;
-        }
-        Ok(resolved)
-    };
-
-    let mut skills = vec![];
-    for (i, s) in cfg.skills.iter().enumerate() {
-        let spec = check_plugin(&s.name, &format!("skills[{i}].name"), PluginKind::Skill)?;
-        let generator = check_plugin(
-            s.generator.as_ref().unwrap_or(&cfg.prompts.generator),
-            &format!("skills[{i}].generator"),
-            PluginKind::PromptGenerator,
-        )?;
-        let mut filters = vec![];
-        for (j, f) in s
-            .filters
-            .as_ref()
-            .unwrap_or(&cfg.prompts.filters)
-            .iter()
-            .enumerate()
-        {
-            filters.push(check_plugin(
-                f,
-                &format!("skills[{i}].filters[{j}]"),
-                PluginKind::PromptFilter,
-            )?);
-        }
-        let mut sk = runtime
-            .skill(&spec)
-            .with_context(|| format!("{}: skills[{i}].name", l.at(&s.name)))?;
-        let info = sk
-            .info()
-            .with_context(|| format!("{}: skills[{i}].name: reading the skill", l.at(&s.name)))?;
-        ensure!(
-            !info.id.is_empty()
-                && info
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
-            "{}: skill {:?} has an id unusable as a folder name",
-            l.at(&s.name),
-            info.id
-        );
-        ensure!(
-            info.id != "joint" && info.id != "experts" && info.id != "merged" && info.id != "eval",
-            "{}: skill id {:?} clashes with a run-directory folder",
-            l.at(&s.name),
-            info.id
-        );
-        if let Some(prev) = skills.iter().find(|p: &&SkillPlan| p.id == info.id) {
-            bail!(
-                "{}: skill {:?} is listed twice (also as {:?})",
-                l.at(&s.name),
-                info.id,
-                prev.spec
-            );
-        }
-        let count = s.count.unwrap_or(cfg.prompts.count);
-        ensure!(
-            count >= 1,
-            "{}: skills[{i}].count must be at least 1",
-            l.at(&s.name)
-        );
-        let eval_file = match &s.eval_prompts {
-            Some(f) => {
-                let p = l.resolve(f.get_ref(), &run_dir);
-                ensure!(
-                    p.is_file(),
-                    "{}: skills[{i}].eval_prompts: file {} does not exist",
-                    l.at(f),
-                    p.display()
-                );
-                Some(p)
-            }
-            None => None,
-        };
-        let eval_per_prompt = s.eval_per_prompt.unwrap_or(cfg.eval.per_prompt);
-        ensure!(
-            eval_per_prompt >= 1,
-            "{}: skills[{i}].eval_per_prompt (or eval.per_prompt) must be at least 1",
-            l.at(&s.name)
-        );
-        skills.push(SkillPlan {
-            spec,
-            id: info.id,
-            count,
-            generator,
-            filters,
-            eval_file,
-            eval_per_prompt,
-        });
-    }
-    let mut image_filters = vec![];
-    for (j, f) in cfg.images.filters.iter().enumerate() {
-        image_filters.push(check_plugin(
-            f,
-            &format!("images.filters[{j}]"),
-            PluginKind::ImageFilter,
-        )?);
-    }
-    let mut scorers = vec![];
-    for (j, f) in cfg.eval.scorers.iter().enumerate() {
-        scorers.push(check_plugin(
-            f,
-            &format!("eval.scorers[{j}]"),
-            PluginKind::ImageFilter,
-        )?);
-    }
-    let mut merges: Vec<MergePlan> = vec![];
-    for (i, m) in cfg.merge.iter().enumerate() {
-        let key = format!("merge[{i}].strategy");
-        let spec = check_plugin(&m.strategy, &key, PluginKind::MergeStrategy)?;
-        let plugin = runtime.merge_strategy(&spec)?;
-        plugin
-            .params_toml(&m.params)
-            .with_context(|| format!("{}: merge[{i}].params", l.at(&m.strategy)))?;
-        let name = m.name.clone().unwrap_or_else(|| plugin.name().to_string());
-        ensure!(
-            !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
-            "{}: merge[{i}].name {name:?}: use letters, digits, - _ .",
-            l.at(&m.strategy)
-        );
-        ensure!(
-            merges.iter().all(|p| p.name != name),
-            "{}: two [[merge]] entries are named {name:?}: give one a `name`",
-            l.at(&m.strategy)
-        );
-        if let Some(w) = &m.weights {
-            ensure!(
-                w.len() == skills.len() && w.iter().all(|x| x.is_finite()),
-                "{}: merge[{i}].weights has {} values for {} skills: give one finite weight per skill",
-                l.at(&m.strategy),
-                w.len(),
-                skills.len()
-            );
-        }
-        if let Some(r) = m.rank {
-            ensure!(
-                r >= 1,
-                "{}: merge[{i}].rank must be at least 1",
-                l.at(&m.strategy)
-            );
-        }
-        merges.push(MergePlan {
-            spec,
-            name,
-            weights: m.weights.clone(),
-            rank: m.rank,
-            params: m.params.clone(),
-        });
-    }
-    let names: Vec<String> = plugin_names.values().cloned().collect();
-    for name in cfg.params.keys() {
-        ensure!(
-            names.contains(name),
-            "{}: [params.{name}]: no plugin of this run is named {name:?} (plugins: {})",
-            l.at_header(&format!("[params.{name}]")),
-            {
-                let mut n = names.clone();
-                n.sort();
-                n.dedup();
-                n.join(", ")
-            }
-        );
-    }
-    let clip_model = match &cfg.eval.clip_model {
-        Some(v) => {
-            let p = l.resolve(v.get_ref(), &run_dir);
-            ensure!(
-                p.join("config.json").is_file(),
-                "{}: eval.clip_model: {} is not a CLIP model folder (config.json missing)",
-                l.at(v),
-                p.display()
-            );
-            Some(p)
-        }
-        None => None,
-    };
-    let mut plan = Plan {
-        dir: RunDir::new(&run_dir),
-        loaded,
-        opts,
-        teacher,
-        student,
-        skills,
-        merges,
-        image_filters,
-        scorers,
-        clip_model,
-        plugin_ids,
-        plugin_names,
-        llm,
-    };
-    plan.opts.force.sort();
-    Ok(plan)
-}
-
 /// The plan's summary for `selma status`: units per stage.
 pub fn plan_summary(plan: &Plan) -> BTreeMap<String, Vec<String>> {
-    let mut m = BTreeMap::new();
-    let ids: Vec<String> = plan.skills.iter().map(|s| s.id.clone()).collect();
-    m.insert(
-        "prompts".into(),
-        ids.iter().map(|s| format!("prompts:{s}")).collect(),
-    );
-    let mut images = vec![];
-    for s in &ids {
-        images.push(format!("images:{s}"));
-        images.push(format!("filter:{s}"));
+    let mut units: Vec<Unit> = vec![];
+    for s in &plan.skills {
+        units.push(Unit::Prompts(s.id.clone()));
     }
-    m.insert("images".into(), images);
-    m.insert(
-        "train".into(),
-        plan.train_jobs().into_iter().map(|j| j.unit).collect(),
-    );
-    let mut merged = vec![];
+    for s in &plan.skills {
+        units.push(Unit::Images(s.id.clone()));
+        units.push(Unit::Filter(s.id.clone()));
+    }
+    units.extend(plan.train_jobs().iter().map(TrainJob::unit));
     for r in plan.replicas() {
         for x in &plan.merges {
-            merged.push(format!("merged:{}{}", x.name, r.suffix()));
+            units.push(Unit::Merged(x.name.clone(), Tag::of(&r)));
         }
     }
-    m.insert("merge".into(), merged);
-    m.insert("eval".into(), vec!["results".into()]);
-    m.insert("report".into(), vec!["report".into()]);
-    m
-}
-
-/// The train-stage unit of an expert name (`joint` or a skill id).
-pub fn train_unit(name: &str) -> String {
-    if name == "joint" {
-        "joint".into()
-    } else {
-        format!("expert:{name}")
+    units.push(Unit::Results);
+    units.push(Unit::Report);
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for u in units {
+        m.entry(u.stage().name().to_string())
+            .or_default()
+            .push(u.to_string());
     }
+    m
 }
 
 /// TrainConfig keys the pipeline sets itself (or through `[train]`).

@@ -1,5 +1,5 @@
 //! The run directory: its layout, per-unit manifests (input hash, output
-//! hash, counts), content hashing, derived seeds and atomic writes.
+//! hash, counts), content hashing, derived seeds and shard selection.
 //!
 //! A unit of work (one skill's prompts, one skill's images, one expert, one
 //! merge, ...) is done when its manifest exists with `done = true` and the
@@ -121,7 +121,7 @@ impl RunDir {
     }
     /// Write a manifest atomically.
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        write_json(&self.manifest_path(&m.stage, &m.unit), m)
+        selma_io::write_json(&self.manifest_path(&m.stage, &m.unit), m)
     }
     /// Remove every manifest of a stage (`--force`).
     pub fn forget_stage(&self, stage: &str) -> Result<()> {
@@ -181,109 +181,6 @@ pub fn derive_seed(run_seed: u64, parts: &[&str]) -> u64 {
     let d = h.finalize();
     // Keep seeds below 2^53 so they survive JSON and PNG text unchanged.
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) >> 11
-}
-
-/// Identity of a diffusers model folder: every JSON/text file's bytes plus
-/// the name, size and modification time of each weight file (hashing
-/// gigabytes on every run would be too slow).
-pub fn model_identity(dir: &Path) -> Result<String> {
-    let mut h = Sha256::new();
-    let mut stack = vec![dir.to_path_buf()];
-    let mut files = vec![];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
-    for p in files {
-        let rel = p
-            .strip_prefix(dir)
-            .unwrap_or(&p)
-            .to_string_lossy()
-            .to_string();
-        h.update(rel.as_bytes());
-        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if matches!(ext, "json" | "txt") {
-            h.update(std::fs::read(&p)?);
-        } else {
-            let md = std::fs::metadata(&p)?;
-            h.update(md.len().to_le_bytes());
-            if let Ok(t) = md.modified() {
-                if let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) {
-                    h.update(d.as_nanos().to_le_bytes());
-                }
-            }
-        }
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-/// Write bytes atomically: a temp file in the same folder, then rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{:?}",
-        name.to_string_lossy(),
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    let res = (|| -> Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing {}", tmp.display())));
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-}
-
-/// Write pretty JSON atomically.
-pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(v)?;
-    bytes.push(b'\n');
-    write_atomic(path, &bytes)
-}
-
-/// Write JSON lines atomically.
-pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut bytes = vec![];
-    for r in rows {
-        serde_json::to_writer(&mut bytes, r)?;
-        bytes.push(b'\n');
-    }
-    write_atomic(path, &bytes)
-}
-
-/// Read JSON lines.
-pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: bad JSON line", path.display(), i + 1))
-        })
-        .collect()
 }
 
 /// Shard selection: unit `index` belongs to shard `i` of `n` when `index % n == i`.

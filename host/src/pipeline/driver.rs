@@ -1,0 +1,203 @@
+//! The one driver every unit of work goes through: it hashes the unit's
+//! inputs, decides whether the unit is done (its manifest holds this input
+//! hash and its outputs exist), whether this invocation may run it (stage
+//! selection, shard ownership), and writes its manifest when the work is
+//! finished. A unit's outputs are renamed into place before its manifest is
+//! written, so kill -9 at any moment loses at most the unit in progress.
+
+use super::config::Stage;
+use super::plan::Plan;
+use super::store::{hash_json, Manifest, RunDir};
+use super::unit::Unit;
+use anyhow::Result;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// When an invocation may run a unit that is not done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// When its stage is selected, in any invocation (sharded or not).
+    Selected,
+    /// When its stage is selected and this invocation's shard owns index `k`.
+    Shard(usize),
+    /// When its stage is selected, in an unsharded invocation only.
+    Unsharded,
+    /// Whenever its upstream is done: bookkeeping on finished work.
+    Always,
+    /// When its stage is selected, or to finish work started for the same
+    /// inputs (a partial manifest exists), e.g. images other shards rendered.
+    Resumable,
+}
+
+/// What [`Driver::claim`] decided.
+pub enum Claim {
+    /// Done with these inputs; its output hash is recorded.
+    Done,
+    /// Not done, and this invocation may run it.
+    Todo(Pending),
+    /// Not done, and not for this invocation (recorded as waiting).
+    Skip,
+}
+
+/// A claimed unit: the token that [`Pending::commit`] turns into a manifest.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The unit.
+    pub unit: Unit,
+    /// Its input hash.
+    pub input: String,
+}
+
+impl Pending {
+    /// Writes the unit's finished manifest (after its outputs are in place).
+    /// Needs only the run directory, so worker threads can commit their unit.
+    pub fn commit(&self, dir: &RunDir, output: &str, counts: Counts) -> Result<Manifest> {
+        let m = self.manifest(output, true, counts);
+        dir.write_manifest(&m)?;
+        Ok(m)
+    }
+    /// Writes a not-done manifest with these inputs: work has started, and
+    /// what is already on disk for these inputs may be kept.
+    pub fn mark_started(&self, dir: &RunDir) -> Result<()> {
+        dir.write_manifest(&self.manifest("", false, Counts::new()))
+    }
+    fn manifest(&self, output: &str, done: bool, counts: Counts) -> Manifest {
+        Manifest {
+            stage: self.unit.stage().name().into(),
+            unit: self.unit.to_string(),
+            input_hash: self.input.clone(),
+            output_hash: output.into(),
+            done,
+            counts,
+        }
+    }
+}
+
+/// Counts shown by `selma status`, stored in a manifest.
+pub type Counts = BTreeMap<String, f64>;
+
+/// The state of one invocation: the plan, what is done, what ran, what waits.
+pub struct Driver<'p> {
+    /// The validated run.
+    pub plan: &'p Plan,
+    outputs: HashMap<Unit, String>,
+    /// Units run (not skipped) by this invocation, in order.
+    pub ran: Vec<Unit>,
+    /// Units that could not run in this invocation, with the reason.
+    pub waiting: Vec<(String, String)>,
+    model_ids: HashMap<PathBuf, String>,
+}
+
+impl<'p> Driver<'p> {
+    /// A driver for `plan` that knows of no unit yet.
+    pub fn new(plan: &'p Plan) -> Self {
+        Self {
+            plan,
+            outputs: HashMap::new(),
+            ran: vec![],
+            waiting: vec![],
+            model_ids: HashMap::new(),
+        }
+    }
+
+    /// The output hash of a unit done in this run (None: not done).
+    pub fn output(&self, u: &Unit) -> Option<&str> {
+        self.outputs.get(u).map(String::as_str)
+    }
+
+    /// The output hashes of `upstream`, or None (and `unit` waits) when one
+    /// of them is not done.
+    pub fn upstream(&mut self, unit: &Unit, upstream: &[Unit]) -> Option<Vec<String>> {
+        let mut out = vec![];
+        for u in upstream {
+            match self.outputs.get(u) {
+                Some(h) => out.push(h.clone()),
+                None => {
+                    self.wait(unit, format!("{u} is not done"));
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Records that `unit` waits, and why.
+    pub fn wait(&mut self, unit: &Unit, why: String) {
+        self.waiting.push((unit.to_string(), why));
+    }
+
+    /// Identity of a model folder (computed once), creating the configured
+    /// random model first when it is missing.
+    pub fn model_id(&mut self, dir: &Path) -> Result<String> {
+        if let Some(id) = self.model_ids.get(dir) {
+            return Ok(id.clone());
+        }
+        super::stages::ensure_model(self.plan, dir)?;
+        let id = selma_io::model_identity(dir, None)?;
+        self.model_ids.insert(dir.to_path_buf(), id.clone());
+        Ok(id)
+    }
+
+    /// Decides a unit: done with these inputs (every one of `outputs`
+    /// exists), to run here, or not for this invocation.
+    pub fn claim(
+        &mut self,
+        unit: Unit,
+        input: &serde_json::Value,
+        outputs: &[PathBuf],
+        gate: Gate,
+    ) -> Claim {
+        let input = hash_json(input);
+        let dir = &self.plan.dir;
+        let stage = unit.stage();
+        let name = unit.to_string();
+        if let Some(m) = dir.done(stage.name(), &name, &input) {
+            if outputs.iter().all(|p| p.exists()) {
+                self.outputs.insert(unit, m.output_hash);
+                return Claim::Done;
+            }
+        }
+        let shard = self.plan.opts.shard;
+        let started = || {
+            dir.manifest(stage.name(), &name)
+                .is_some_and(|m| m.input_hash == input)
+        };
+        let may_start = self.plan.wants(stage) || (gate == Gate::Resumable && started());
+        let why = match gate {
+            Gate::Always => None,
+            _ if !may_start => Some(format!("the {stage} stage was not selected")),
+            Gate::Shard(k) => shard
+                .filter(|s| !s.owns(k))
+                .map(|s| format!("belongs to shard {}/{}", k % s.count, s.count)),
+            Gate::Unsharded if shard.is_some() => Some(format!(
+                "the {stage} stage runs in an unsharded run (without --shard)"
+            )),
+            _ => None,
+        };
+        match why {
+            Some(why) => {
+                self.waiting.push((name, why));
+                Claim::Skip
+            }
+            None => Claim::Todo(Pending { unit, input }),
+        }
+    }
+
+    /// Commits a claimed unit (manifest written) and records it as done and run.
+    pub fn finish(&mut self, p: Pending, output: &str, counts: Counts) -> Result<()> {
+        let m = p.commit(&self.plan.dir, output, counts)?;
+        self.record(p.unit, m);
+        Ok(())
+    }
+
+    /// Records a unit committed elsewhere (a worker thread) as done and run.
+    pub fn record(&mut self, unit: Unit, m: Manifest) {
+        self.outputs.insert(unit.clone(), m.output_hash);
+        self.ran.push(unit);
+    }
+
+    /// Is `stage` selected in this invocation?
+    pub fn wants(&self, stage: Stage) -> bool {
+        self.plan.wants(stage)
+    }
+}

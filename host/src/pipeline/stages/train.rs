@@ -1,0 +1,320 @@
+//! The train stage. Units: `expert:<skill>` per skill and `joint` (one LoRA
+//! on every skill's data), per replica (`/unfiltered`, `@seed<N>`). Inputs:
+//! `[train]`, the update count, the student's identity, the output hashes of
+//! the data units (`filter:<skill>`, or `images:<skill>` when unfiltered),
+//! the seed, the dtype, the replay pool's identity and the salts below.
+//! Shards split the adapters by index; small models train one adapter per
+//! core. Outputs: `experts/<file>.safetensors` and `experts/<file>.run/`
+//! (checkpoints, loss.jsonl): an interrupted adapter resumes from its last
+//! checkpoint.
+
+use super::images::image_name;
+use super::replay;
+use super::{bar, cpu_cores, run_parallel};
+use crate::pipeline::driver::{Claim, Counts, Driver, Gate, Pending};
+use crate::pipeline::plan::{Plan, TrainJob};
+use crate::pipeline::store::{derive_seed, hash_file};
+use crate::pipeline::unit::Unit;
+use crate::prompts::PromptRecord;
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Salts of the train units' inputs: each marks a change of the trainer's
+/// outputs for the same settings, so adapters trained before it are redone.
+fn salts(plan: &Plan, input: &mut serde_json::Value) {
+    if extra_has_ema(&plan.loaded.cfg.train.extra) {
+        // LoRA files trained with an EMA held the raw weights before the
+        // fix of the trainer's save.
+        input["ema_saved"] = json!(true);
+    }
+}
+
+/// Whether `[train.extra]` turns on an EMA of the LoRA weights.
+fn extra_has_ema(extra: &toml::Table) -> bool {
+    extra
+        .get("ema_decay")
+        .and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)))
+        .is_some_and(|d| d > 0.0)
+}
+
+/// The rows of a training set over several skills' images (paths relative
+/// to `experts/<file>.data/`): each skill's kept images, or every rendered
+/// image when `unfiltered`.
+fn data_rows(plan: &Plan, skills: &[&str], unfiltered: bool) -> Result<Vec<serde_json::Value>> {
+    let mut rows = vec![];
+    for s in skills {
+        for mut r in skill_rows(plan, s, unfiltered)? {
+            let f = r["file_name"].as_str().unwrap_or_default().to_string();
+            r["file_name"] = json!(format!("../../{s}/images/{f}"));
+            rows.push(r);
+        }
+    }
+    Ok(rows)
+}
+
+/// A skill's training rows (`file_name`, `text`): the kept images, or every
+/// rendered image when `unfiltered`.
+fn skill_rows(plan: &Plan, skill: &str, unfiltered: bool) -> Result<Vec<serde_json::Value>> {
+    if !unfiltered {
+        return selma_io::read_jsonl(&plan.dir.images(skill).join("metadata.jsonl"));
+    }
+    let records: Vec<PromptRecord> = selma_io::read_jsonl(&plan.dir.prompts(skill))?;
+    let mut rows = vec![];
+    for (i, r) in records.iter().enumerate() {
+        for j in 0..plan.loaded.cfg.images.per_prompt {
+            rows.push(json!({"file_name": image_name(i, j), "text": r.text}));
+        }
+    }
+    Ok(rows)
+}
+
+/// Does the folder hold a finished checkpoint?
+fn has_checkpoint(run: &Path) -> bool {
+    std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir())
+}
+
+/// One adapter to train in this invocation.
+struct Work {
+    pending: Pending,
+    file: String,
+    run: PathBuf,
+    steps: u64,
+    resume: bool,
+    config: selma_train::trainer::TrainConfig,
+}
+
+/// How many adapters train at once: one per core for a small UNet (weights
+/// under 64 MiB) on the CPU, whose GEMMs leave the second core idle (on
+/// ShapeWorld two trainers side by side ran 3.4 updates/s each where one
+/// alone ran 2.9), else one (a large model's GEMMs use every core; a GPU
+/// runs one job at a time).
+fn trainers(plan: &Plan, jobs: usize) -> usize {
+    if !plan.loaded.cfg.run.device.starts_with("cpu") {
+        return 1;
+    }
+    let unet_bytes: u64 = std::fs::read_dir(plan.student.join("unet"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    if unet_bytes == 0 || unet_bytes > 64 << 20 {
+        return 1;
+    }
+    cpu_cores().min(jobs).max(1)
+}
+
+/// The trainer's settings for one adapter.
+fn train_config(
+    plan: &Plan,
+    data: PathBuf,
+    file: &str,
+    run: &Path,
+    steps: u64,
+    seed: u64,
+) -> Result<selma_train::trainer::TrainConfig> {
+    let cfg = &plan.loaded.cfg;
+    let t = &cfg.train;
+    let tc = selma_train::trainer::TrainConfig {
+        model: plan.student.clone(),
+        data,
+        out: plan.dir.expert(file),
+        run_dir: Some(run.to_path_buf()),
+        rank: t.rank,
+        alpha: t.alpha,
+        targets: t.targets.clone(),
+        steps,
+        batch: t.batch,
+        grad_accum: t.grad_accum,
+        lr: t.lr,
+        lr_schedule: t.lr_schedule.clone(),
+        warmup_steps: t.warmup_steps,
+        resolution: t.resolution,
+        seed,
+        save_every: t.save_every,
+        keep_checkpoints: 2,
+        format: t.format.clone(),
+        random_flip: t.random_flip,
+        min_snr_gamma: t.min_snr_gamma,
+        noise_offset: t.noise_offset,
+        device: cfg.run.device.clone(),
+        dtype: cfg.run.dtype.clone(),
+        ..Default::default()
+    };
+    crate::pipeline::plan::apply_train_extra(tc, &t.extra)
+}
+
+/// Claims one adapter; prepares its run folder and data listing when it
+/// is this invocation's to train.
+fn prepare(
+    d: &mut Driver,
+    k: usize,
+    job: &TrainJob,
+    pool: &Option<replay::Pool>,
+    pool_rows: &mut Option<Vec<serde_json::Value>>,
+) -> Result<Option<Work>> {
+    let plan = d.plan;
+    let cfg = &plan.loaded.cfg;
+    let unit = job.unit();
+    let name = job.name.as_str();
+    let file = job.file.as_str();
+    let skills: Vec<&str> = if name == "joint" {
+        plan.skills.iter().map(|s| s.id.as_str()).collect()
+    } else {
+        vec![name]
+    };
+    // Filtered data comes from the filter unit; unfiltered from the images.
+    let data_units: Vec<Unit> = skills
+        .iter()
+        .map(|s| {
+            if job.replica.unfiltered {
+                Unit::Images(s.to_string())
+            } else {
+                Unit::Filter(s.to_string())
+            }
+        })
+        .collect();
+    let Some(data_hashes) = d.upstream(&unit, &data_units) else {
+        return Ok(None);
+    };
+    let student = d.model_id(&plan.student)?;
+    let steps = if name == "joint" {
+        cfg.train.joint_steps.unwrap_or(cfg.train.steps)
+    } else {
+        cfg.train.steps
+    };
+    let seed = derive_seed(plan.replica_seed(&job.replica), &["train", name]);
+    let mut input = json!({
+        "train": serde_json::to_value(&cfg.train)?, "steps": steps, "student": student,
+        "data": data_hashes, "seed": seed, "dtype": cfg.run.dtype,
+    });
+    if job.replica.unfiltered {
+        input["unfiltered"] = json!(true);
+    }
+    if let Some(p) = pool {
+        input["replay_pool"] = json!(p.id);
+    }
+    salts(plan, &mut input);
+    let out = plan.dir.expert(file);
+    let Claim::Todo(pending) = d.claim(unit, &input, &[out], Gate::Shard(k)) else {
+        return Ok(None);
+    };
+    // The run folder holds checkpoints of these very inputs only.
+    let run = plan.dir.expert_run(file);
+    let marker = run.join("selma-input");
+    let same = std::fs::read_to_string(&marker).is_ok_and(|s| s.trim() == pending.input);
+    if !same && run.exists() {
+        std::fs::remove_dir_all(&run).with_context(|| format!("clearing {}", run.display()))?;
+    }
+    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
+    selma_io::write_atomic(&marker, pending.input.as_bytes())?;
+    // A skill's kept images train its expert in place; the joint baseline,
+    // unfiltered experts and replaying runs get a listing under experts/.
+    let data = if name != "joint" && !job.replica.unfiltered && pool.is_none() {
+        plan.dir.images(name)
+    } else {
+        let mut rows = data_rows(plan, &skills, job.replica.unfiltered)?;
+        if let (Some(r), Some(p)) = (&cfg.train.replay, pool) {
+            if pool_rows.is_none() {
+                *pool_rows = Some(replay::rows_of(r, p)?);
+            }
+            let all = pool_rows.as_deref().unwrap_or_default();
+            let extra = replay::mix_rows(all, rows.len(), r.share, derive_seed(seed, &["replay"]));
+            rows.extend(extra);
+        }
+        let data = plan.dir.experts().join(format!("{file}.data"));
+        selma_io::write_jsonl(&data.join("metadata.jsonl"), &rows)?;
+        data
+    };
+    Ok(Some(Work {
+        pending,
+        file: file.to_string(),
+        resume: same && has_checkpoint(&run),
+        config: train_config(plan, data, file, &run, steps, seed)?,
+        run,
+        steps,
+    }))
+}
+
+/// Train every expert (this shard's share) and the joint baseline.
+pub fn run(d: &mut Driver) -> Result<()> {
+    let plan = d.plan;
+    let pool = match &plan.loaded.cfg.train.replay {
+        Some(r) => Some(replay::pool(plan, r)?),
+        None => None,
+    };
+    // The pool's rows, read (and a ShapeWorld pool rendered) once, when the
+    // first adapter that needs them trains.
+    let mut pool_rows = None;
+    let mut work = vec![];
+    for (k, job) in plan.train_jobs().iter().enumerate() {
+        if let Some(w) = prepare(d, k, job, &pool, &mut pool_rows)? {
+            work.push(w);
+        }
+    }
+    if work.is_empty() {
+        return Ok(());
+    }
+    let parallel = trainers(plan, work.len());
+    let total: u64 = work.iter().map(|w| w.steps).sum();
+    let b = bar(plan.opts.progress, total, "updates");
+    let finished = std::sync::Mutex::new(vec![]);
+    let result = run_parallel(parallel, &work, |w| {
+        let unit = &w.pending.unit;
+        let mut trainer = selma_train::trainer::Trainer::new(w.config.clone())
+            .with_context(|| format!("training {unit}"))?;
+        if w.resume {
+            trainer
+                .resume(&w.run)
+                .with_context(|| format!("resuming {unit} from {}", w.run.display()))?;
+            b.suspend(|| eprintln!("train: {unit}: resuming from step {}", trainer.state.step));
+        } else {
+            b.suspend(|| {
+                eprintln!(
+                    "train: {unit}: {} images, {} updates",
+                    trainer.dataset.len(),
+                    w.steps
+                )
+            });
+        }
+        let mut seen = trainer.state.step;
+        b.inc(seen);
+        let mut last = f64::NAN;
+        trainer
+            .run(|s| {
+                b.inc(s.step - seen);
+                seen = s.step;
+                b.set_message(format!("{unit} loss {:.4}", s.loss));
+                last = s.loss;
+            })
+            .with_context(|| format!("training {unit}"))?;
+        let out = hash_file(&plan.dir.expert(&w.file))?;
+        let mut counts = Counts::from([
+            ("updates".into(), w.steps as f64),
+            ("images".into(), trainer.dataset.len() as f64),
+        ]);
+        if last.is_finite() {
+            counts.insert("last_loss".into(), last);
+        }
+        // Committed here, so an adapter finished before another one fails
+        // (or the process is killed) stays done.
+        let m = w.pending.commit(&plan.dir, &out, counts)?;
+        finished
+            .lock()
+            .expect("no panics hold it")
+            .push((w.pending.unit.clone(), m));
+        Ok(())
+    });
+    b.finish_and_clear();
+    let mut finished = finished.into_inner().expect("workers are done");
+    finished.sort_by_key(|(u, _)| u.to_string());
+    for (u, m) in finished {
+        d.record(u, m);
+    }
+    result
+}
