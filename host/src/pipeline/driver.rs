@@ -201,3 +201,146 @@ impl<'p> Driver<'p> {
         self.plan.wants(stage)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::config::Loaded;
+    use crate::pipeline::plan::RunOptions;
+    use crate::pipeline::store::Shard;
+    use serde_json::json;
+
+    const CONFIG: &str = r#"
+[models]
+teacher = "$RUN/model"
+init_tiny = true
+[[skills]]
+name = "general"
+[[merge]]
+strategy = "linear"
+"#;
+
+    fn plan(dir: &Path, shard: Option<Shard>, stages: Option<Vec<Stage>>) -> Plan {
+        let loaded = Loaded::parse(CONFIG, "test.toml", dir).unwrap();
+        let opts = RunOptions {
+            run_dir: Some(dir.to_path_buf()),
+            shard,
+            stages,
+            ..Default::default()
+        };
+        crate::pipeline::validate(loaded, opts).unwrap()
+    }
+
+    fn todo(c: Claim) -> Pending {
+        match c {
+            Claim::Todo(p) => p,
+            Claim::Done => panic!("claimed as done"),
+            Claim::Skip => panic!("skipped"),
+        }
+    }
+
+    /// Done means: a finished manifest with these inputs, and the outputs exist.
+    #[test]
+    fn a_finished_unit_is_done_for_the_same_inputs_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = plan(tmp.path(), None, None);
+        let out = tmp.path().join("out.txt");
+        let unit = Unit::Prompts("general".into());
+        let mut d = Driver::new(&p);
+        let c = todo(d.claim(
+            unit.clone(),
+            &json!({"a": 1}),
+            &[out.clone()],
+            Gate::Selected,
+        ));
+        std::fs::write(&out, "x").unwrap();
+        d.finish(c, "h1", Counts::new()).unwrap();
+        assert_eq!(d.ran, vec![unit.clone()]);
+
+        let mut d = Driver::new(&p);
+        let c = d.claim(
+            unit.clone(),
+            &json!({"a": 1}),
+            &[out.clone()],
+            Gate::Selected,
+        );
+        assert!(matches!(c, Claim::Done));
+        assert_eq!(d.output(&unit), Some("h1"));
+        assert!(d.ran.is_empty());
+        todo(d.claim(
+            unit.clone(),
+            &json!({"a": 2}),
+            &[out.clone()],
+            Gate::Selected,
+        ));
+        std::fs::remove_file(&out).unwrap();
+        todo(d.claim(unit, &json!({"a": 1}), &[out], Gate::Selected));
+    }
+
+    /// Shard ownership, unsharded-only units and stage selection decide
+    /// who runs a unit that is not done; the reason is recorded.
+    #[test]
+    fn gates_follow_shards_and_stage_selection() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shard = "0/2".parse().ok();
+        let p = plan(tmp.path(), shard, None);
+        let mut d = Driver::new(&p);
+        let u = Unit::Expert("general".into(), Default::default());
+        assert!(matches!(
+            d.claim(u.clone(), &json!(1), &[], Gate::Shard(1)),
+            Claim::Skip
+        ));
+        assert_eq!(d.waiting.last().unwrap().1, "belongs to shard 1/2");
+        todo(d.claim(u, &json!(1), &[], Gate::Shard(2)));
+        assert!(matches!(
+            d.claim(Unit::Report, &json!(1), &[], Gate::Unsharded),
+            Claim::Skip
+        ));
+        todo(d.claim(Unit::Results, &json!(1), &[], Gate::Always));
+
+        let p = plan(tmp.path(), None, Some(vec![Stage::Train]));
+        let mut d = Driver::new(&p);
+        let prompts = Unit::Prompts("general".into());
+        assert!(matches!(
+            d.claim(prompts, &json!(1), &[], Gate::Selected),
+            Claim::Skip
+        ));
+        assert_eq!(
+            d.waiting.last().unwrap().1,
+            "the prompts stage was not selected"
+        );
+        // Resumable: only work started for the same inputs is finished.
+        let images = Unit::Images("general".into());
+        assert!(matches!(
+            d.claim(images.clone(), &json!(1), &[], Gate::Resumable),
+            Claim::Skip
+        ));
+        let all = plan(tmp.path(), None, None);
+        let mut starter = Driver::new(&all);
+        todo(starter.claim(images.clone(), &json!(1), &[], Gate::Resumable))
+            .mark_started(&all.dir)
+            .unwrap();
+        todo(d.claim(images.clone(), &json!(1), &[], Gate::Resumable));
+        assert!(matches!(
+            d.claim(images, &json!(2), &[], Gate::Resumable),
+            Claim::Skip
+        ));
+    }
+
+    #[test]
+    fn missing_upstream_makes_a_unit_wait() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = plan(tmp.path(), None, None);
+        let mut d = Driver::new(&p);
+        let u = Unit::Images("general".into());
+        assert_eq!(d.upstream(&u, &[Unit::Prompts("general".into())]), None);
+        assert_eq!(
+            d.waiting,
+            vec![(
+                "images:general".to_string(),
+                "prompts:general is not done".to_string()
+            )]
+        );
+        assert_eq!(d.upstream(&u, &[]), Some(vec![]));
+    }
+}

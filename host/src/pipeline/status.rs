@@ -2,6 +2,7 @@
 //! directory's plan and manifests (no config, no models needed).
 
 use super::store::{Manifest, RunDir};
+use super::unit::Unit;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -62,7 +63,7 @@ pub fn collect(run_dir: &Path) -> Result<Vec<StageStatus>> {
         if name == "eval" {
             let scored = manifests
                 .iter()
-                .filter(|m| m.done && m.unit.starts_with("scores:"))
+                .filter(|m| m.done && matches!(m.unit.parse(), Ok(Unit::Scores(..))))
                 .count();
             st.counts
                 .insert("variant x skill scored".into(), scored as f64);
