@@ -17,8 +17,12 @@ use std::path::PathBuf;
 ///
 /// Every unit of work records the hash of its inputs: a re-run skips what is
 /// done and redoes only what changed; a killed run resumes where it stopped.
-/// With --shard i/n, n processes (Slurm array, Kubernetes indexed Job) share
-/// image generation and expert training on one run directory; a later run
+/// Several `selma run` processes on one run directory (without --shard)
+/// split the work: each unit is claimed before it runs, so none is done
+/// twice at the same time, and a process with nothing left to start waits
+/// for the units others are running (or leaves them, with --no-wait). With
+/// --shard i/n, n processes (Slurm array, Kubernetes indexed Job) split
+/// image generation and expert training by index instead; a later run
 /// without --shard merges, evaluates and reports.
 ///
 /// Example: selma run examples/sd15.toml --run-dir /shared/runs/sd15
@@ -45,6 +49,9 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Do not wait for units other workers on this run directory are running.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 /// Run `selma run`.
@@ -60,6 +67,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         stages: a.stages,
         force: a.force,
         progress: !a.quiet && std::io::stderr().is_terminal(),
+        no_wait: a.no_wait,
     };
     let t0 = std::time::Instant::now();
     let s = pipeline::run(opts)?;

@@ -1,13 +1,17 @@
 //! The one driver every unit of work goes through: it hashes the unit's
 //! inputs, decides whether the unit is done (its manifest holds this input
 //! hash and its outputs exist), whether this invocation may run it (stage
-//! selection, shard ownership), and writes its manifest when the work is
-//! finished. A unit's outputs are renamed into place before its manifest is
-//! written, so kill -9 at any moment loses at most the unit in progress.
+//! selection, shard ownership, another worker's claim), and writes its
+//! manifest when the work is finished. A unit's outputs are renamed into
+//! place before its manifest is written, so kill -9 at any moment loses at
+//! most the unit in progress. Without `--shard`, a unit is claimed before it
+//! runs ([`super::claim`]), so several workers on one run directory split
+//! the work.
 
+use super::claim::{self, Guard, Outcome};
 use super::config::Stage;
 use super::plan::Plan;
-use super::store::{hash_json, Manifest, RunDir};
+use super::store::{file_safe, hash_json, Manifest, RunDir};
 use super::unit::Unit;
 use anyhow::Result;
 use std::collections::{BTreeMap, HashMap};
@@ -39,16 +43,61 @@ pub enum Claim {
     Skip,
 }
 
-/// A claimed unit: the token that [`Pending::commit`] turns into a manifest.
-#[derive(Debug, Clone)]
+/// A unit to run: the token that [`Pending::commit`] turns into a manifest.
+/// It holds the unit's claim (if any) until it is dropped.
+#[derive(Debug)]
 pub struct Pending {
     /// The unit.
     pub unit: Unit,
     /// Its input hash.
     pub input: String,
+    /// The outputs whose presence, with a finished manifest, makes it done.
+    outputs: Vec<PathBuf>,
+    guard: Option<Guard>,
+}
+
+/// What [`Pending::acquire`] found.
+pub enum Acquired {
+    /// The unit is this worker's to run.
+    Mine,
+    /// Another live worker runs it (waiting reason given).
+    Busy(String),
+    /// Another worker finished it meanwhile (its manifest).
+    Done(Manifest),
 }
 
 impl Pending {
+    /// Claims the unit for this process (without `--shard`; sharded runs
+    /// split the work by index instead), then checks again that no other
+    /// worker finished it meanwhile. Needs only the plan, so worker threads
+    /// can acquire the units they start.
+    pub fn acquire(&mut self, plan: &Plan) -> Result<Acquired> {
+        if plan.opts.shard.is_some() || self.guard.is_some() {
+            return Ok(Acquired::Mine);
+        }
+        let stage = self.unit.stage().name();
+        let name = self.unit.to_string();
+        let path = plan
+            .dir
+            .meta()
+            .join("claims")
+            .join(stage)
+            .join(format!("{}.claim", file_safe(&name)));
+        match claim::try_claim(&path)? {
+            Outcome::Held(h, path) => Ok(Acquired::Busy(format!(
+                "claimed by another worker ({h}; if it is gone, remove {})",
+                path.display()
+            ))),
+            Outcome::Claimed(g) => {
+                if let Some(m) = plan.dir.done_with(stage, &name, &self.input, &self.outputs) {
+                    return Ok(Acquired::Done(m));
+                }
+                self.guard = Some(g);
+                Ok(Acquired::Mine)
+            }
+        }
+    }
+
     /// Writes the unit's finished manifest (after its outputs are in place).
     /// Needs only the run directory, so worker threads can commit their unit.
     pub fn commit(&self, dir: &RunDir, output: &str, counts: Counts) -> Result<Manifest> {
@@ -85,6 +134,8 @@ pub struct Driver<'p> {
     pub ran: Vec<Unit>,
     /// Units that could not run in this invocation, with the reason.
     pub waiting: Vec<(String, String)>,
+    /// Units left because another live worker holds their claim.
+    pub busy: Vec<Unit>,
     model_ids: HashMap<PathBuf, String>,
 }
 
@@ -96,6 +147,7 @@ impl<'p> Driver<'p> {
             outputs: HashMap::new(),
             ran: vec![],
             waiting: vec![],
+            busy: vec![],
             model_ids: HashMap::new(),
         }
     }
@@ -139,8 +191,40 @@ impl<'p> Driver<'p> {
     }
 
     /// Decides a unit: done with these inputs (every one of `outputs`
-    /// exists), to run here, or not for this invocation.
+    /// exists), to run here (and claimed), or not for this invocation.
     pub fn claim(
+        &mut self,
+        unit: Unit,
+        input: &serde_json::Value,
+        outputs: &[PathBuf],
+        gate: Gate,
+    ) -> Result<Claim> {
+        let mut p = match self.decide(unit, input, outputs, gate) {
+            Claim::Todo(p) => p,
+            other => return Ok(other),
+        };
+        match p.acquire(self.plan)? {
+            Acquired::Mine => Ok(Claim::Todo(p)),
+            Acquired::Busy(why) => {
+                self.busy(p.unit, why);
+                Ok(Claim::Skip)
+            }
+            Acquired::Done(m) => {
+                self.outputs.insert(p.unit, m.output_hash);
+                Ok(Claim::Done)
+            }
+        }
+    }
+
+    /// Records a unit another live worker holds.
+    pub fn busy(&mut self, unit: Unit, why: String) {
+        self.waiting.push((unit.to_string(), why));
+        self.busy.push(unit);
+    }
+
+    /// [`Driver::claim`] without taking the claim: the caller acquires it
+    /// ([`Pending::acquire`]) when it starts the work, e.g. in a worker thread.
+    pub fn decide(
         &mut self,
         unit: Unit,
         input: &serde_json::Value,
@@ -151,11 +235,9 @@ impl<'p> Driver<'p> {
         let dir = &self.plan.dir;
         let stage = unit.stage();
         let name = unit.to_string();
-        if let Some(m) = dir.done(stage.name(), &name, &input) {
-            if outputs.iter().all(|p| p.exists()) {
-                self.outputs.insert(unit, m.output_hash);
-                return Claim::Done;
-            }
+        if let Some(m) = dir.done_with(stage.name(), &name, &input, outputs) {
+            self.outputs.insert(unit, m.output_hash);
+            return Claim::Done;
         }
         let shard = self.plan.opts.shard;
         let started = || {
@@ -179,7 +261,12 @@ impl<'p> Driver<'p> {
                 self.waiting.push((name, why));
                 Claim::Skip
             }
-            None => Claim::Todo(Pending { unit, input }),
+            None => Claim::Todo(Pending {
+                unit,
+                input,
+                outputs: outputs.to_vec(),
+                guard: None,
+            }),
         }
     }
 
@@ -188,6 +275,11 @@ impl<'p> Driver<'p> {
         let m = p.commit(&self.plan.dir, output, counts)?;
         self.record(p.unit, m);
         Ok(())
+    }
+
+    /// Records a unit finished by another worker meanwhile as done.
+    pub fn done_elsewhere(&mut self, unit: Unit, m: Manifest) {
+        self.outputs.insert(unit, m.output_hash);
     }
 
     /// Records a unit committed elsewhere (a worker thread) as done and run.
@@ -247,34 +339,45 @@ strategy = "linear"
         let out = tmp.path().join("out.txt");
         let unit = Unit::Prompts("general".into());
         let mut d = Driver::new(&p);
-        let c = todo(d.claim(
-            unit.clone(),
-            &json!({"a": 1}),
-            &[out.clone()],
-            Gate::Selected,
-        ));
+        let c = todo(
+            d.claim(
+                unit.clone(),
+                &json!({"a": 1}),
+                std::slice::from_ref(&out),
+                Gate::Selected,
+            )
+            .unwrap(),
+        );
         std::fs::write(&out, "x").unwrap();
         d.finish(c, "h1", Counts::new()).unwrap();
         assert_eq!(d.ran, vec![unit.clone()]);
 
         let mut d = Driver::new(&p);
-        let c = d.claim(
-            unit.clone(),
-            &json!({"a": 1}),
-            &[out.clone()],
-            Gate::Selected,
-        );
+        let c = d
+            .claim(
+                unit.clone(),
+                &json!({"a": 1}),
+                std::slice::from_ref(&out),
+                Gate::Selected,
+            )
+            .unwrap();
         assert!(matches!(c, Claim::Done));
         assert_eq!(d.output(&unit), Some("h1"));
         assert!(d.ran.is_empty());
-        todo(d.claim(
-            unit.clone(),
-            &json!({"a": 2}),
-            &[out.clone()],
-            Gate::Selected,
-        ));
+        todo(
+            d.claim(
+                unit.clone(),
+                &json!({"a": 2}),
+                std::slice::from_ref(&out),
+                Gate::Selected,
+            )
+            .unwrap(),
+        );
         std::fs::remove_file(&out).unwrap();
-        todo(d.claim(unit, &json!({"a": 1}), &[out], Gate::Selected));
+        todo(
+            d.claim(unit, &json!({"a": 1}), &[out], Gate::Selected)
+                .unwrap(),
+        );
     }
 
     /// Shard ownership, unsharded-only units and stage selection decide
@@ -287,22 +390,26 @@ strategy = "linear"
         let mut d = Driver::new(&p);
         let u = Unit::Expert("general".into(), Default::default());
         assert!(matches!(
-            d.claim(u.clone(), &json!(1), &[], Gate::Shard(1)),
+            d.claim(u.clone(), &json!(1), &[], Gate::Shard(1)).unwrap(),
             Claim::Skip
         ));
         assert_eq!(d.waiting.last().unwrap().1, "belongs to shard 1/2");
-        todo(d.claim(u, &json!(1), &[], Gate::Shard(2)));
+        todo(d.claim(u, &json!(1), &[], Gate::Shard(2)).unwrap());
         assert!(matches!(
-            d.claim(Unit::Report, &json!(1), &[], Gate::Unsharded),
+            d.claim(Unit::Report, &json!(1), &[], Gate::Unsharded)
+                .unwrap(),
             Claim::Skip
         ));
-        todo(d.claim(Unit::Results, &json!(1), &[], Gate::Always));
+        todo(
+            d.claim(Unit::Results, &json!(1), &[], Gate::Always)
+                .unwrap(),
+        );
 
         let p = plan(tmp.path(), None, Some(vec![Stage::Train]));
         let mut d = Driver::new(&p);
         let prompts = Unit::Prompts("general".into());
         assert!(matches!(
-            d.claim(prompts, &json!(1), &[], Gate::Selected),
+            d.claim(prompts, &json!(1), &[], Gate::Selected).unwrap(),
             Claim::Skip
         ));
         assert_eq!(
@@ -312,17 +419,25 @@ strategy = "linear"
         // Resumable: only work started for the same inputs is finished.
         let images = Unit::Images("general".into());
         assert!(matches!(
-            d.claim(images.clone(), &json!(1), &[], Gate::Resumable),
+            d.claim(images.clone(), &json!(1), &[], Gate::Resumable)
+                .unwrap(),
             Claim::Skip
         ));
         let all = plan(tmp.path(), None, None);
         let mut starter = Driver::new(&all);
-        todo(starter.claim(images.clone(), &json!(1), &[], Gate::Resumable))
-            .mark_started(&all.dir)
-            .unwrap();
-        todo(d.claim(images.clone(), &json!(1), &[], Gate::Resumable));
+        todo(
+            starter
+                .claim(images.clone(), &json!(1), &[], Gate::Resumable)
+                .unwrap(),
+        )
+        .mark_started(&all.dir)
+        .unwrap();
+        todo(
+            d.claim(images.clone(), &json!(1), &[], Gate::Resumable)
+                .unwrap(),
+        );
         assert!(matches!(
-            d.claim(images, &json!(2), &[], Gate::Resumable),
+            d.claim(images, &json!(2), &[], Gate::Resumable).unwrap(),
             Claim::Skip
         ));
     }

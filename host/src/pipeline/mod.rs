@@ -6,6 +6,7 @@
 //! data; merges of the experts; evaluation of base / experts / joint /
 //! merges on held-out prompts -> results.json -> report.html.
 
+pub mod claim;
 pub mod config;
 pub mod driver;
 pub mod plan;
@@ -23,6 +24,9 @@ pub use validate::validate;
 
 use anyhow::Result;
 use std::path::PathBuf;
+
+/// How often a worker looks again at units other workers are running.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// What one invocation did.
 #[derive(Debug, Clone)]
@@ -101,7 +105,6 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
             selma_io::write_atomic(&path, bytes)?;
         }
     }
-    let mut d = driver::Driver::new(plan);
     type StageFn = fn(&mut driver::Driver) -> Result<()>;
     let steps: [(Stage, StageFn); 6] = [
         (Stage::Prompts, stages::prompts::run),
@@ -111,17 +114,38 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
         (Stage::Eval, stages::eval::run),
         (Stage::Report, stages::report::run),
     ];
-    for (stage, f) in steps {
-        let (t0, before) = (std::time::Instant::now(), d.ran.len());
-        f(&mut d)?;
-        let ran = d.ran.len() - before;
-        if ran > 0 {
-            eprintln!(
-                "{stage}: {ran} unit(s) done in {:.1}s",
-                t0.elapsed().as_secs_f64()
-            );
+    // Passes over every stage until no unit is left to another live worker
+    // (one pass when none shares the run directory, or with --no-wait).
+    let mut ran = vec![];
+    let mut told: Vec<unit::Unit> = vec![];
+    let d = loop {
+        let mut d = driver::Driver::new(plan);
+        for (stage, f) in steps {
+            let (t0, before) = (std::time::Instant::now(), d.ran.len());
+            f(&mut d)?;
+            let n = d.ran.len() - before;
+            if n > 0 {
+                eprintln!(
+                    "{stage}: {n} unit(s) done in {:.1}s",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
         }
-    }
+        ran.append(&mut d.ran);
+        if d.busy.is_empty() || plan.opts.no_wait {
+            break d;
+        }
+        if d.busy != told {
+            let names: Vec<String> = d.busy.iter().map(|u| u.to_string()).collect();
+            eprintln!(
+                "waiting for {} unit(s) that other workers are running: {}",
+                names.len(),
+                names.join(", ")
+            );
+            told = d.busy.clone();
+        }
+        std::thread::sleep(WAIT_POLL);
+    };
     let report = plan.dir.report();
     // A finished run prints its table (then the CLI prints the report's path).
     if d.waiting.is_empty() && report.is_file() {
@@ -131,7 +155,7 @@ pub fn execute(plan: &Plan) -> Result<RunSummary> {
     }
     Ok(RunSummary {
         run_dir: plan.dir.root.clone(),
-        ran: d.ran.iter().map(|u| u.to_string()).collect(),
+        ran: ran.iter().map(|u| u.to_string()).collect(),
         waiting: d.waiting,
         report: report.is_file().then_some(report),
     })

@@ -26,6 +26,9 @@ pub struct RunOptions {
     pub force: Vec<Stage>,
     /// Show progress bars.
     pub progress: bool,
+    /// `--no-wait`: leave units other workers are running instead of
+    /// waiting for them.
+    pub no_wait: bool,
 }
 
 /// One skill, resolved.

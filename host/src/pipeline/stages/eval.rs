@@ -199,7 +199,7 @@ fn eval_prompts(d: &mut Driver) -> Result<()> {
             }
         };
         let path = eval_prompts_path(plan, &s.id);
-        let Claim::Todo(p) = d.claim(unit, &input, std::slice::from_ref(&path), Gate::Unsharded)
+        let Claim::Todo(p) = d.claim(unit, &input, std::slice::from_ref(&path), Gate::Unsharded)?
         else {
             continue;
         };
@@ -326,7 +326,7 @@ pub fn run(d: &mut Driver) -> Result<()> {
                 "metrics": ["score", "accuracy"],
             });
             let path = score_path(plan, &v.name, &s.id);
-            let claim = d.claim(unit, &input, std::slice::from_ref(&path), Gate::Unsharded);
+            let claim = d.claim(unit, &input, std::slice::from_ref(&path), Gate::Unsharded)?;
             let p = match claim {
                 Claim::Done => {
                     score_hashes.push(
@@ -426,7 +426,8 @@ fn results(d: &mut Driver, score_hashes: Vec<String>) -> Result<()> {
     if ablation_mode(plan) {
         input["ablation"] = json!(groups(plan));
     }
-    let Claim::Todo(p) = d.claim(Unit::Results, &input, &[plan.dir.results()], Gate::Always) else {
+    let Claim::Todo(p) = d.claim(Unit::Results, &input, &[plan.dir.results()], Gate::Always)?
+    else {
         return Ok(());
     };
     let vs = variants(plan);

@@ -127,7 +127,7 @@ pub fn run(d: &mut Driver) -> Result<()> {
         }
         let dir = plan.dir.images(&s.id);
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(&f.0)).collect();
-        let Claim::Todo(pending) = d.claim(unit, &input, &paths, Gate::Resumable) else {
+        let Claim::Todo(pending) = d.claim(unit, &input, &paths, Gate::Resumable)? else {
             continue;
         };
         // Without the images stage selected, images rendered earlier (by
@@ -235,7 +235,7 @@ fn filters(d: &mut Driver) -> Result<()> {
         });
         let dir = plan.dir.images(&s.id);
         let meta = dir.join("metadata.jsonl");
-        let Claim::Todo(p) = d.claim(unit, &input, std::slice::from_ref(&meta), Gate::Always)
+        let Claim::Todo(p) = d.claim(unit, &input, std::slice::from_ref(&meta), Gate::Always)?
         else {
             continue;
         };

@@ -43,7 +43,8 @@ pub fn run(d: &mut Driver) -> Result<()> {
             &input,
             std::slice::from_ref(&out_path),
             Gate::Unsharded,
-        ) else {
+        )?
+        else {
             continue;
         };
         eprintln!(

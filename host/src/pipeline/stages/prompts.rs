@@ -47,7 +47,7 @@ pub fn run(d: &mut Driver) -> Result<()> {
             "llm": cfg.llm.as_ref().map(|l| json!([l.endpoint, l.model, l.chat])),
         });
         let path = plan.dir.prompts(&s.id);
-        let Claim::Todo(p) = d.claim(unit, &input, std::slice::from_ref(&path), Gate::Selected)
+        let Claim::Todo(p) = d.claim(unit, &input, std::slice::from_ref(&path), Gate::Selected)?
         else {
             continue;
         };

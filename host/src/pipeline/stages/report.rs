@@ -37,7 +37,7 @@ pub fn run(d: &mut Driver) -> Result<()> {
         "grid": plan.loaded.cfg.eval.grid_prompts, "title": plan.loaded.cfg.run.title,
         "eval": eval,
     });
-    let Claim::Todo(p) = d.claim(Unit::Report, &input, &[plan.dir.report()], Gate::Unsharded)
+    let Claim::Todo(p) = d.claim(Unit::Report, &input, &[plan.dir.report()], Gate::Unsharded)?
     else {
         return Ok(());
     };

@@ -11,8 +11,9 @@
 use super::images::image_name;
 use super::replay;
 use super::{bar, cpu_cores, run_parallel};
-use crate::pipeline::driver::{Claim, Counts, Driver, Gate, Pending};
+use crate::pipeline::driver::{Acquired, Claim, Counts, Driver, Gate, Pending};
 use crate::pipeline::plan::{Plan, TrainJob};
+use crate::pipeline::store::Manifest;
 use crate::pipeline::store::{derive_seed, hash_file};
 use crate::pipeline::unit::Unit;
 use crate::prompts::PromptRecord;
@@ -78,14 +79,24 @@ fn has_checkpoint(run: &Path) -> bool {
         .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-") && e.path().is_dir())
 }
 
-/// One adapter to train in this invocation.
+/// One adapter this invocation may train.
 struct Work {
-    pending: Pending,
+    /// Taken by the worker thread that trains it.
+    pending: std::sync::Mutex<Option<Pending>>,
+    /// Skill id or `joint`.
+    name: String,
     file: String,
-    run: PathBuf,
+    /// The rows of its data listing (None: the skill's kept images in place).
+    listing: Option<Vec<serde_json::Value>>,
     steps: u64,
-    resume: bool,
-    config: selma_train::trainer::TrainConfig,
+    seed: u64,
+}
+
+/// How a worker thread's adapter ended.
+enum Ended {
+    Trained(Unit, Manifest),
+    Busy(Unit, String),
+    DoneElsewhere(Unit, Manifest),
 }
 
 /// How many adapters train at once: one per core for a small UNet (weights
@@ -149,8 +160,8 @@ fn train_config(
     crate::pipeline::plan::apply_train_extra(tc, &t.extra)
 }
 
-/// Claims one adapter; prepares its run folder and data listing when it
-/// is this invocation's to train.
+/// Decides one adapter: its inputs, and its data listing when it is this
+/// invocation's to train.
 fn prepare(
     d: &mut Driver,
     k: usize,
@@ -201,22 +212,15 @@ fn prepare(
     }
     salts(plan, &mut input);
     let out = plan.dir.expert(file);
-    let Claim::Todo(pending) = d.claim(unit, &input, &[out], Gate::Shard(k)) else {
+    // Claimed when a worker thread starts it, so other processes can take
+    // the adapters this one has not started yet.
+    let Claim::Todo(pending) = d.decide(unit, &input, &[out], Gate::Shard(k)) else {
         return Ok(None);
     };
-    // The run folder holds checkpoints of these very inputs only.
-    let run = plan.dir.expert_run(file);
-    let marker = run.join("selma-input");
-    let same = std::fs::read_to_string(&marker).is_ok_and(|s| s.trim() == pending.input);
-    if !same && run.exists() {
-        std::fs::remove_dir_all(&run).with_context(|| format!("clearing {}", run.display()))?;
-    }
-    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
-    selma_io::write_atomic(&marker, pending.input.as_bytes())?;
     // A skill's kept images train its expert in place; the joint baseline,
     // unfiltered experts and replaying runs get a listing under experts/.
-    let data = if name != "joint" && !job.replica.unfiltered && pool.is_none() {
-        plan.dir.images(name)
+    let listing = if name != "joint" && !job.replica.unfiltered && pool.is_none() {
+        None
     } else {
         let mut rows = data_rows(plan, &skills, job.replica.unfiltered)?;
         if let (Some(r), Some(p)) = (&cfg.train.replay, pool) {
@@ -227,18 +231,44 @@ fn prepare(
             let extra = replay::mix_rows(all, rows.len(), r.share, derive_seed(seed, &["replay"]));
             rows.extend(extra);
         }
-        let data = plan.dir.experts().join(format!("{file}.data"));
-        selma_io::write_jsonl(&data.join("metadata.jsonl"), &rows)?;
-        data
+        Some(rows)
     };
     Ok(Some(Work {
-        pending,
+        pending: std::sync::Mutex::new(Some(pending)),
+        name: name.to_string(),
         file: file.to_string(),
-        resume: same && has_checkpoint(&run),
-        config: train_config(plan, data, file, &run, steps, seed)?,
-        run,
+        listing,
         steps,
+        seed,
     }))
+}
+
+/// Sets up a claimed adapter's run folder (checkpoints of these very inputs
+/// only) and data listing; returns its trainer settings and whether it
+/// resumes from a checkpoint.
+fn set_up(
+    plan: &Plan,
+    w: &Work,
+    input: &str,
+) -> Result<(selma_train::trainer::TrainConfig, PathBuf, bool)> {
+    let run = plan.dir.expert_run(&w.file);
+    let marker = run.join("selma-input");
+    let same = std::fs::read_to_string(&marker).is_ok_and(|s| s.trim() == input);
+    if !same && run.exists() {
+        std::fs::remove_dir_all(&run).with_context(|| format!("clearing {}", run.display()))?;
+    }
+    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
+    selma_io::write_atomic(&marker, input.as_bytes())?;
+    let data = match &w.listing {
+        None => plan.dir.images(&w.name),
+        Some(rows) => {
+            let data = plan.dir.experts().join(format!("{}.data", w.file));
+            selma_io::write_jsonl(&data.join("metadata.jsonl"), rows)?;
+            data
+        }
+    };
+    let config = train_config(plan, data, &w.file, &run, w.steps, w.seed)?;
+    Ok((config, run.clone(), same && has_checkpoint(&run)))
 }
 
 /// Train every expert (this shard's share) and the joint baseline.
@@ -263,15 +293,41 @@ pub fn run(d: &mut Driver) -> Result<()> {
     let parallel = trainers(plan, work.len());
     let total: u64 = work.iter().map(|w| w.steps).sum();
     let b = bar(plan.opts.progress, total, "updates");
-    let finished = std::sync::Mutex::new(vec![]);
+    let ended = std::sync::Mutex::new(vec![]);
     let result = run_parallel(parallel, &work, |w| {
-        let unit = &w.pending.unit;
-        let mut trainer = selma_train::trainer::Trainer::new(w.config.clone())
+        let mut pending = w
+            .pending
+            .lock()
+            .expect("no panics hold it")
+            .take()
+            .expect("each adapter is handed out once");
+        let unit = pending.unit.clone();
+        match pending.acquire(plan)? {
+            Acquired::Mine => {}
+            Acquired::Busy(why) => {
+                b.inc(w.steps);
+                ended
+                    .lock()
+                    .expect("no panics hold it")
+                    .push(Ended::Busy(unit, why));
+                return Ok(());
+            }
+            Acquired::Done(m) => {
+                b.inc(w.steps);
+                ended
+                    .lock()
+                    .expect("no panics hold it")
+                    .push(Ended::DoneElsewhere(unit, m));
+                return Ok(());
+            }
+        }
+        let (config, run, resume) = set_up(plan, w, &pending.input)?;
+        let mut trainer = selma_train::trainer::Trainer::new(config)
             .with_context(|| format!("training {unit}"))?;
-        if w.resume {
+        if resume {
             trainer
-                .resume(&w.run)
-                .with_context(|| format!("resuming {unit} from {}", w.run.display()))?;
+                .resume(&run)
+                .with_context(|| format!("resuming {unit} from {}", run.display()))?;
             b.suspend(|| eprintln!("train: {unit}: resuming from step {}", trainer.state.step));
         } else {
             b.suspend(|| {
@@ -303,18 +359,24 @@ pub fn run(d: &mut Driver) -> Result<()> {
         }
         // Committed here, so an adapter finished before another one fails
         // (or the process is killed) stays done.
-        let m = w.pending.commit(&plan.dir, &out, counts)?;
-        finished
+        let m = pending.commit(&plan.dir, &out, counts)?;
+        ended
             .lock()
             .expect("no panics hold it")
-            .push((w.pending.unit.clone(), m));
+            .push(Ended::Trained(unit, m));
         Ok(())
     });
     b.finish_and_clear();
-    let mut finished = finished.into_inner().expect("workers are done");
-    finished.sort_by_key(|(u, _)| u.to_string());
-    for (u, m) in finished {
-        d.record(u, m);
+    let mut ended = ended.into_inner().expect("workers are done");
+    ended.sort_by_key(|e| match e {
+        Ended::Trained(u, _) | Ended::Busy(u, _) | Ended::DoneElsewhere(u, _) => u.to_string(),
+    });
+    for e in ended {
+        match e {
+            Ended::Trained(u, m) => d.record(u, m),
+            Ended::Busy(u, why) => d.busy(u, why),
+            Ended::DoneElsewhere(u, m) => d.done_elsewhere(u, m),
+        }
     }
     result
 }
