@@ -70,6 +70,9 @@ fn eval_results_text(plan: &Plan) -> Option<String> {
 pub fn execute(plan: &Plan) -> Result<RunSummary> {
     std::fs::create_dir_all(&plan.dir.root)
         .map_err(|e| anyhow::anyhow!("creating run directory {}: {e}", plan.dir.root.display()))?;
+    // What killed workers of this host left half written (never under a
+    // final name) goes first.
+    selma_io::sweep_stale_temps(&plan.dir.root)?;
     for s in &plan.opts.force {
         plan.dir.forget_stage(s.name())?;
         if *s == Stage::Images {

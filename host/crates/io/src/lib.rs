@@ -3,8 +3,11 @@
 //! the old file or the complete new one, never a partial file under its
 //! final name. Also JSON lines and the identity of a model folder.
 //!
-//! Temporary names carry the process id and a per-process counter, so two
-//! threads or two processes writing the same path never share a temp file.
+//! Temporary names (`.NAME.tmp-PID-N-HOST`) carry the process id, a
+//! per-process counter and a tag of the host, so two threads or two
+//! processes writing the same path never share a temp file, and the temp
+//! files of a killed process can be told apart and swept
+//! ([`sweep_stale_temps`]).
 
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
@@ -14,11 +17,27 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Marker in every temporary name (`.NAME.tmp-PID-N`): what a cleaner or a
-/// test looks for.
+/// Marker in every temporary name (`.NAME.tmp-PID-N-HOST`): what a cleaner
+/// or a test looks for.
 pub const TMP_MARKER: &str = ".tmp-";
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Eight hex digits naming this host (FNV-1a of its name) in temp names.
+fn host_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_default();
+        let mut h: u32 = 0x811c_9dc5;
+        for b in name.trim().bytes() {
+            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        format!("{h:08x}")
+    })
+}
 
 /// The folder that holds `path` (`.` for a bare file name).
 fn parent_of(path: &Path) -> &Path {
@@ -34,10 +53,62 @@ pub fn temp_path(path: &Path) -> Result<PathBuf> {
         .with_context(|| format!("{} has no file name", path.display()))?;
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     Ok(parent_of(path).join(format!(
-        ".{}{TMP_MARKER}{}-{n}",
+        ".{}{TMP_MARKER}{}-{n}-{}",
         name.to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        host_tag()
     )))
+}
+
+/// The process id in a temp name this host's processes wrote, if `name` is one.
+fn temp_owner(name: &str) -> Option<u32> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    let tail = &name[name.rfind(TMP_MARKER)? + TMP_MARKER.len()..];
+    let mut parts = tail.split('-');
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?.parse::<u64>().ok()?;
+    (parts.next()? == host_tag() && parts.next().is_none()).then_some(pid)
+}
+
+/// Removes, under `root` (recursively), the temp files and folders that
+/// processes of this host left when they died (killed mid-write): those
+/// whose process no longer runs. Returns how many were removed. Does
+/// nothing where `/proc` is missing (no way to tell a live writer).
+pub fn sweep_stale_temps(root: &Path) -> Result<usize> {
+    if !Path::new("/proc/self").exists() {
+        return Ok(0);
+    }
+    let me = std::process::id();
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            match temp_owner(&name) {
+                Some(pid) if pid != me && !Path::new(&format!("/proc/{pid}")).exists() => {
+                    let res = if is_dir {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
+                    if res.is_ok() {
+                        removed += 1;
+                    }
+                }
+                Some(_) => {}
+                None if is_dir => stack.push(p),
+                None => {}
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Best-effort fsync of a folder, so a rename inside it survives power loss.
@@ -271,6 +342,40 @@ mod tests {
         assert_eq!(got.len(), 4096);
         assert!(got.iter().all(|&b| b == got[0]));
         assert!(leftovers(d.path()).is_empty());
+    }
+
+    #[test]
+    fn temps_of_dead_processes_are_swept_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("a/b");
+        std::fs::create_dir_all(&sub).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let tag = host_tag();
+        let dead_file = sub.join(format!(".x.png.tmp-{dead}-3-{tag}"));
+        let dead_dir = d.path().join(format!(".model.tmp-{dead}-0-{tag}"));
+        let mine = sub.join(format!(".y.tmp-{}-1-{tag}", std::process::id()));
+        let other_host = sub.join(format!(".z.tmp-{dead}-1-00000000"));
+        let not_temp = sub.join("x.png");
+        for f in [&dead_file, &mine, &other_host, &not_temp] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        std::fs::create_dir_all(dead_dir.join("unet")).unwrap();
+        std::fs::write(dead_dir.join("unet/w"), b"x").unwrap();
+        assert_eq!(
+            temp_owner(
+                &temp_path(&not_temp)
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+            ),
+            Some(std::process::id())
+        );
+        assert_eq!(sweep_stale_temps(d.path()).unwrap(), 2);
+        assert!(!dead_file.exists() && !dead_dir.exists());
+        assert!(mine.exists() && other_host.exists() && not_temp.exists());
     }
 
     #[test]
