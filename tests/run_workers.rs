@@ -223,3 +223,32 @@ fn stale_claims_are_taken_over_and_live_ones_waited_for() {
     assert!(run.join("report.html").is_file());
     assert!(claims(&run).is_empty(), "{:?}", claims(&run));
 }
+
+#[test]
+fn ctrl_c_says_how_to_resume_and_the_resumed_run_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path());
+    let run = tmp.path().join("run");
+    let c = start(&cfg, &run, &[]);
+    // Interrupt once the run is under way (its plan is written).
+    let t0 = std::time::Instant::now();
+    while !run.join(".selma/plan.json").is_file() {
+        assert!(t0.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGINT);
+    }
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let err = stderr(&out);
+    let want = format!(
+        "interrupted: finished units are kept; resume with: selma run {} --run-dir {}",
+        cfg.display(),
+        run.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    finish(start(&cfg, &run, &[]));
+    assert!(run.join("report.html").is_file());
+}

@@ -69,6 +69,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         progress: !a.quiet && std::io::stderr().is_terminal(),
         no_wait: a.no_wait,
     };
+    resume_hint_on_interrupt(&opts);
     let t0 = std::time::Instant::now();
     let s = pipeline::run(opts)?;
     if s.ran.is_empty() {
@@ -97,4 +98,41 @@ pub fn run(a: RunArgs) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The message Ctrl-C prints: how to resume this very run.
+static RESUME_HINT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    // Only async-signal-safe calls: write(2) and _exit(2).
+    if let Some(m) = RESUME_HINT.get() {
+        unsafe {
+            libc::write(2, m.as_ptr().cast(), m.len());
+        }
+    }
+    unsafe { libc::_exit(130) }
+}
+
+/// On Ctrl-C (SIGINT) or SIGTERM: say that finished units are kept and how
+/// to resume, then exit 130 at once (the unit in progress is redone, its
+/// temp files are swept by the next run).
+fn resume_hint_on_interrupt(opts: &RunOptions) {
+    let mut cmd = String::from("selma run");
+    if let Some(c) = &opts.config {
+        cmd.push_str(&format!(" {}", c.display()));
+    }
+    if let Some(d) = &opts.run_dir {
+        cmd.push_str(&format!(" --run-dir {}", d.display()));
+    }
+    if let Some(s) = &opts.shard {
+        cmd.push_str(&format!(" --shard {}/{}", s.index, s.count));
+    }
+    let msg = format!("\ninterrupted: finished units are kept; resume with: {cmd}\n");
+    if RESUME_HINT.set(msg.into_bytes()).is_ok() {
+        let handler: extern "C" fn(libc::c_int) = on_interrupt;
+        unsafe {
+            libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+            libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+        }
+    }
 }

@@ -151,6 +151,7 @@ pub fn write_atomic_with(
         write(&mut w)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
+        test_disk::charge(f.metadata()?.len())?;
         Ok(())
     })();
     if let Err(e) = res {
@@ -158,6 +159,37 @@ pub fn write_atomic_with(
         return Err(e.context(format!("cannot write {}", path.display())));
     }
     commit(&tmp, path)
+}
+
+/// A test hook: `SELMA_TEST_DISK_BYTES=N` makes this process's crash-safe
+/// writes fail with ENOSPC ("No space left on device") once they have
+/// written N bytes in all, as on a full disk (the file that crosses the
+/// limit fails after its bytes reached the temp file).
+mod test_disk {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    static USED: AtomicU64 = AtomicU64::new(0);
+
+    fn limit() -> Option<u64> {
+        static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+        *LIMIT.get_or_init(|| {
+            std::env::var("SELMA_TEST_DISK_BYTES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+    }
+
+    /// Counts `n` written bytes; an ENOSPC error past the limit.
+    pub fn charge(n: u64) -> std::io::Result<()> {
+        let Some(limit) = limit() else {
+            return Ok(());
+        };
+        if USED.fetch_add(n, Ordering::Relaxed) + n > limit {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        Ok(())
+    }
 }
 
 /// Writes `bytes` to `path` atomically (see [`write_atomic_with`]).
