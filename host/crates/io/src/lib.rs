@@ -325,7 +325,7 @@ mod tests {
         write_json(&d.path().join("b.json"), &rows).unwrap();
         let v: Vec<serde_json::Value> = read_json(&d.path().join("b.json")).unwrap();
         assert_eq!(v, rows);
-        assert!(leftovers(&p.parent().unwrap().to_path_buf()).is_empty());
+        assert!(leftovers(p.parent().unwrap()).is_empty());
     }
 
     #[test]
