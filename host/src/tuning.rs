@@ -13,7 +13,7 @@
 /// Applies the defaults (call first thing in `main`).
 pub fn apply() {
     // GEMM on every core, element-wise ops inline (no spinning pool).
-    selma_diffusion::nn::ops::configure_cpu_threads(None, Some(1));
+    selma_diffusion::tuning::configure_cpu_threads(None, Some(1));
     tune_malloc();
 }
 

@@ -4,7 +4,7 @@
 //! tools to get pixels and parameters back.
 
 use anyhow::{ensure, Context, Result};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::BufReader;
 use std::path::Path;
 
 /// The text-chunk keyword holding the parameters.
@@ -79,46 +79,21 @@ pub fn write_png(
         rgb.len(),
         width * height * 3
     );
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .with_context(|| format!("output path {} has no file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let res = (|| -> Result<()> {
-        let f = std::fs::File::create(&tmp)
-            .with_context(|| format!("creating {} (does the folder exist?)", tmp.display()))?;
-        let mut w = BufWriter::new(f);
-        {
-            let mut enc = png::Encoder::new(&mut w, width as u32, height as u32);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            if parameters.chars().all(|c| (c as u32) < 256) {
-                enc.add_text_chunk(PARAMETERS_KEY.into(), parameters.into())?;
-            } else {
-                enc.add_itxt_chunk(PARAMETERS_KEY.into(), parameters.into())?;
-            }
-            let mut writer = enc.write_header()?;
-            writer.write_image_data(rgb)?;
-            writer.finish()?;
+    selma_io::write_atomic_with(path, |w| {
+        let mut enc = png::Encoder::new(&mut *w, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        if parameters.chars().all(|c| (c as u32) < 256) {
+            enc.add_text_chunk(PARAMETERS_KEY.into(), parameters.into())?;
+        } else {
+            enc.add_itxt_chunk(PARAMETERS_KEY.into(), parameters.into())?;
         }
-        w.flush()?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all().ok();
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(rgb)?;
+        writer.finish()?;
         Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing PNG {}", path.display())));
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    })
+    .with_context(|| format!("writing PNG {}", path.display()))
 }
 
 /// A decoded 8-bit RGB PNG and its `parameters` text, if any.

@@ -826,13 +826,8 @@ pub fn build_folder_atomically<T>(out: &Path, build: impl FnOnce(&Path) -> Resul
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        out.file_name()
-            .context("--out has no folder name")?
-            .to_string_lossy(),
-        std::process::id()
-    ));
+    out.file_name().context("--out has no folder name")?;
+    let tmp = selma_io::temp_path(out)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).ok();
     }

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use std::path::Path;
 
-use crate::nn::{attention, silu, Conv2d, GroupNorm, Linear};
+use crate::nn::{attention, Conv2d, GroupNorm, Linear};
 use crate::scheduler::GaussianRng;
 use crate::weights::Vb;
 
@@ -184,8 +184,8 @@ impl ResnetBlock2D {
 
     /// `[B, cin, H, W] -> [B, cout, H, W]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
@@ -402,8 +402,7 @@ impl Encoder {
             x = b.forward(&x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out
-            .forward(&silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
 
@@ -468,8 +467,7 @@ impl Decoder {
         for b in &self.up_blocks {
             x = b.forward(&x)?;
         }
-        self.conv_out
-            .forward(&silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
 

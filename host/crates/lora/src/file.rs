@@ -289,7 +289,8 @@ impl LoraFile {
         Ok(serialize_sorted(tensors, &metadata))
     }
 
-    /// Write to `path` in `format`: to a temporary file next to it, then rename.
+    /// Write to `path` in `format`: to a temporary file next to it, then rename
+    /// (its folder is created).
     pub fn save(&self, path: &Path, format: LoraFormat) -> Result<()> {
         let bytes = self.to_bytes(format)?;
         write_atomic(path, &bytes)
@@ -532,39 +533,8 @@ impl safetensors::tensor::View for RawF32 {
     }
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same folder,
-/// flushed to disk, then renamed over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| {
-        format!(
-            "cannot write {} (does its folder exist and is it writable?)",
-            path.display()
-        )
-    })
-}
+/// Writes `bytes` to `path` atomically (selma-io's temp file, fsync, rename).
+pub use selma_io::write_atomic;
 
 #[cfg(test)]
 mod serialize_tests {

@@ -100,7 +100,7 @@ fn main() -> Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(1);
-    let threads = selma_diffusion::nn::ops::configure_cpu_threads(threads, Some(ew));
+    let threads = selma_diffusion::tuning::configure_cpu_threads(threads, Some(ew));
     let preset: Preset = arg("--preset").unwrap_or("tiny".into()).parse()?;
     let res: usize = arg("--res").map(|s| s.parse()).transpose()?.unwrap_or(128);
     let rank: usize = arg("--rank").map(|s| s.parse()).transpose()?.unwrap_or(4);

@@ -33,7 +33,8 @@ pub fn save<S: Serialize>(
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating the run folder {}", run_dir.display()))?;
     let name = format!("checkpoint-{step}");
-    let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let dst = run_dir.join(&name);
+    let tmp = selma_io::temp_path(&dst)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("removing stale {}", tmp.display()))?;
@@ -52,7 +53,6 @@ pub fn save<S: Serialize>(
     sync(&st)?;
     sync(&tf)?;
     sync(&tmp)?;
-    let dst = run_dir.join(&name);
     if dst.exists() {
         std::fs::remove_dir_all(&dst).with_context(|| format!("replacing {}", dst.display()))?;
     }

@@ -222,12 +222,9 @@ pub fn write_model_folder(
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out
-        .file_name()
-        .with_context(|| format!("--out {} has no folder name", out.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    out.file_name()
+        .with_context(|| format!("--out {} has no folder name", out.display()))?;
+    let tmp = selma_io::temp_path(out)?;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("removing stale {}", tmp.display()))?;

@@ -1,10 +1,8 @@
 //! The training loop (SELMA's expert training, and full fine-tuning of small
-//! base models): configuration with the paper's defaults, the diffusion loss
-//! (epsilon or v target from the scheduler config, MSE, optional
-//! min-SNR-gamma weighting and noise offset), per-sample uniform timesteps,
-//! caption dropout, VAE posteriors and (while the text encoder is frozen) text
-//! embeddings cached on disk, gradient accumulation, clipping, AdamW, EMA,
-//! checkpoints and exact resume. LoRA mode trains adapters on the UNet and
+//! base models): per-sample uniform timesteps, caption dropout, gradient
+//! accumulation, clipping, AdamW, EMA, checkpoints and exact resume, on the
+//! configuration of [`crate::config`], the loss of [`crate::loss`] and the
+//! caches of [`crate::cache`]. LoRA mode trains adapters on the UNet and
 //! writes a LoRA file; full mode (`full`) trains every UNet weight (and the
 //! text encoders with `train_text_encoder`) and writes a diffusers folder.
 
@@ -13,208 +11,28 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use selma_diffusion::pipeline::{parse_device, parse_dtype, StableDiffusion};
 use selma_diffusion::scheduler::config::{NoiseSchedule, PredictionType};
-use selma_diffusion::unet::{SdxlAdded, UNet2DConditionModel};
+use selma_diffusion::unet::SdxlAdded;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
+use crate::cache::{LatentCache, TextCache};
 use crate::checkpoint;
 use crate::dataset::{choose_variant, load_rgb, prepare, Crop, Dataset, Variant};
 use crate::ema::{assign, snapshot, Ema};
 use crate::full::{self, FullPart};
-use crate::lora::{LoraSet, DEFAULT_TARGETS, TEXT_ENCODER_TARGETS};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule};
+use crate::lora::LoraSet;
+use crate::optim::{clip_grad_norm, AdamW, GradAccumulator, LrSchedule};
 use crate::rng::TrainRng;
 
-/// Everything that defines a training run (TOML/JSON; missing keys take SELMA's recipe).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// diffusers model folder (the student).
-    pub model: PathBuf,
-    /// Dataset folder.
-    pub data: PathBuf,
-    /// Output LoRA file (full mode: output model folder).
-    pub out: PathBuf,
-    /// Run folder for checkpoints, logs and caches (default: `<out>.run`).
-    pub run_dir: Option<PathBuf>,
-    /// LoRA rank.
-    pub rank: usize,
-    /// LoRA alpha (scale = alpha / rank).
-    pub alpha: f64,
-    /// Target module names (suffixes of UNet module paths).
-    pub targets: Vec<String>,
-    /// Optimizer updates.
-    pub steps: u64,
-    /// Images per micro-batch.
-    pub batch: usize,
-    /// Micro-batches per update.
-    pub grad_accum: usize,
-    /// Base learning rate.
-    pub lr: f64,
-    /// `constant`, `constant_with_warmup` or `cosine`.
-    pub lr_schedule: String,
-    /// Warm-up updates for the warm-up schedules.
-    pub warmup_steps: u64,
-    /// Training resolution (square, pixels).
-    pub resolution: u32,
-    /// Seed of every random choice.
-    pub seed: u64,
-    /// Checkpoint every N updates (0: only at the end).
-    pub save_every: u64,
-    /// Checkpoints kept in the run folder (0: all).
-    pub keep_checkpoints: usize,
-    /// Output layout: `peft` or `kohya`.
-    pub format: String,
-    /// Crop mode.
-    pub crop: Crop,
-    /// Random horizontal flips.
-    pub random_flip: bool,
-    /// Gradient-norm clip.
-    pub max_grad_norm: f64,
-    /// AdamW hyper-parameters.
-    pub adam: AdamWConfig,
-    /// min-SNR-gamma loss weighting (None: plain MSE).
-    pub min_snr_gamma: Option<f64>,
-    /// Noise offset (0: off).
-    pub noise_offset: f64,
-    /// Skip bad dataset entries with a warning instead of failing.
-    pub skip_bad: bool,
-    /// Prompts rendered into `<run_dir>/validation/` every `validation_every` updates.
-    pub validation_prompts: Vec<String>,
-    /// Render the validation prompts every N updates (0: never).
-    pub validation_every: u64,
-    /// Sampling steps of validation renders (DDIM, guidance 7.5, seed = prompt index).
-    pub validation_steps: usize,
-    /// Device (`cpu`, `cuda:N`).
-    pub device: String,
-    /// UNet/text-encoder compute dtype (`f32`, `f16`, `bf16`); LoRA weights and AdamW state stay f32.
-    pub dtype: String,
-    /// Train every UNet weight instead of LoRA adapters; `out` is then a diffusers model folder.
-    pub full: bool,
-    /// Train the text encoder(s) too: every weight with `full` (unset: on),
-    /// LoRA adapters on `text_encoder_targets` without it (unset: off).
-    pub train_text_encoder: Option<bool>,
-    /// Text-encoder modules that get LoRA adapters when the text encoder trains in LoRA mode.
-    pub text_encoder_targets: Vec<String>,
-    /// Probability of training a sample on the empty caption (for classifier-free guidance).
-    pub caption_dropout: f64,
-    /// EMA decay of the trained weights (0: off); the output then holds the EMA weights.
-    pub ema_decay: f64,
-    /// Ramp the EMA decay up as diffusers' EMAModel: `min(ema_decay, (1+s)/(10+s))`.
-    pub ema_warmup: bool,
-}
+pub use crate::config::TrainConfig;
+pub use crate::loss::diffusion_loss;
 
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            model: PathBuf::new(),
-            data: PathBuf::new(),
-            out: PathBuf::from("expert.safetensors"),
-            run_dir: None,
-            rank: 128,
-            alpha: 128.0,
-            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
-            steps: 5000,
-            batch: 16,
-            grad_accum: 4,
-            lr: 3e-4,
-            lr_schedule: "constant".into(),
-            warmup_steps: 0,
-            resolution: 512,
-            seed: 0,
-            save_every: 500,
-            keep_checkpoints: 2,
-            format: "peft".into(),
-            crop: Crop::Center,
-            random_flip: true,
-            max_grad_norm: 1.0,
-            adam: AdamWConfig::default(),
-            min_snr_gamma: None,
-            noise_offset: 0.0,
-            skip_bad: false,
-            validation_prompts: vec![],
-            validation_every: 0,
-            validation_steps: 20,
-            device: "cpu".into(),
-            dtype: "f32".into(),
-            full: false,
-            train_text_encoder: None,
-            text_encoder_targets: TEXT_ENCODER_TARGETS.iter().map(|s| s.to_string()).collect(),
-            caption_dropout: 0.0,
-            ema_decay: 0.0,
-            ema_warmup: true,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// Reads a TOML config file (errors name the file and key).
-    pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_toml_str(&text).with_context(|| format!("in {}", path.display()))
-    }
-
-    /// Parses a TOML config.
-    pub fn from_toml_str(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))
-    }
-
-    /// The run folder (checkpoints, loss log, latent cache).
-    pub fn run_dir(&self) -> PathBuf {
-        self.run_dir.clone().unwrap_or_else(|| {
-            let mut s = self.out.clone().into_os_string();
-            s.push(".run");
-            PathBuf::from(s)
-        })
-    }
-
-    /// Whether the text encoder(s) are trained (default: on in full mode, off with LoRA).
-    pub fn trains_text_encoder(&self) -> bool {
-        self.train_text_encoder.unwrap_or(self.full)
-    }
-
-    fn check(&self) -> Result<()> {
-        ensure!(
-            self.full || !self.trains_text_encoder() || !self.text_encoder_targets.is_empty(),
-            "--train-text-encoder with LoRA needs --text-encoder-targets"
-        );
-        ensure!(
-            !self.full || self.dtype == "f32",
-            "--full trains in f32: drop --dtype {} (or set dtype = \"f32\")",
-            self.dtype
-        );
-        ensure!(
-            !self.full || self.out.extension().is_none_or(|e| e != "safetensors"),
-            "--full writes a model folder: --out {} looks like a LoRA file; pass a folder path",
-            self.out.display()
-        );
-        ensure!(
-            (0.0..=1.0).contains(&self.caption_dropout),
-            "--caption-dropout {} must be a probability in [0, 1]",
-            self.caption_dropout
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.ema_decay),
-            "--ema-decay {} must be in [0, 1) (0 turns EMA off)",
-            self.ema_decay
-        );
-        ensure!(self.batch > 0, "--batch must be at least 1");
-        ensure!(self.grad_accum > 0, "--grad-accum must be at least 1");
-        ensure!(self.rank > 0, "--rank must be at least 1");
-        ensure!(
-            self.resolution >= 8 && self.resolution.is_multiple_of(8),
-            "--resolution {} must be a multiple of 8",
-            self.resolution
-        );
-        ensure!(!self.targets.is_empty(), "--targets is empty");
-        LrSchedule::parse(&self.lr_schedule, self.warmup_steps, self.steps)?;
-        self.format.parse::<selma_lora::LoraFormat>()?;
-        Ok(())
-    }
+/// Text embeddings of `texts` in one batch, computed in the graph (gradients
+/// reach trainable text encoders): [`StableDiffusion::encode_text_batch`].
+pub fn encode_batch(sd: &StableDiffusion, texts: &[String]) -> Result<(Tensor, Option<Tensor>)> {
+    sd.encode_text_batch(texts)
 }
 
 /// What a training step reports.
@@ -228,66 +46,6 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f64,
-}
-
-/// The diffusion training loss of one batch.
-/// `timesteps[i]` in `0..schedule.len()`; returns a scalar (f32, or f64 for f64 models).
-#[allow(clippy::too_many_arguments)]
-pub fn diffusion_loss(
-    unet: &UNet2DConditionModel,
-    schedule: &NoiseSchedule,
-    prediction: PredictionType,
-    min_snr_gamma: Option<f64>,
-    latents: &Tensor,
-    noise: &Tensor,
-    timesteps: &[usize],
-    context: &Tensor,
-    added: Option<&SdxlAdded>,
-) -> Result<Tensor> {
-    let b = latents.dim(0)?;
-    ensure!(
-        timesteps.len() == b,
-        "{} timesteps for a batch of {b}",
-        timesteps.len()
-    );
-    let noisy = schedule.add_noise(latents, noise, timesteps)?;
-    let t = Tensor::from_vec(
-        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-        b,
-        latents.device(),
-    )?;
-    let pred = unet.forward(&noisy, &t, context, added)?;
-    let target = match prediction {
-        PredictionType::Epsilon => noise.clone(),
-        PredictionType::VPrediction => schedule.get_velocity(latents, noise, timesteps)?,
-        PredictionType::Sample => latents.clone(),
-    };
-    let loss_dt = match pred.dtype() {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
-    };
-    let diff = (pred.to_dtype(loss_dt)? - target.to_dtype(loss_dt)?)?;
-    let per_sample = diff.sqr()?.flatten_from(1)?.mean(1)?;
-    let loss = match min_snr_gamma {
-        None => per_sample.mean_all()?,
-        Some(gamma) => {
-            let w: Vec<f64> = timesteps
-                .iter()
-                .map(|&t| {
-                    let a = schedule.alphas_cumprod[t];
-                    let snr = a / (1.0 - a);
-                    let m = snr.min(gamma);
-                    match prediction {
-                        PredictionType::VPrediction => m / (snr + 1.0),
-                        _ => m / snr,
-                    }
-                })
-                .collect();
-            let w = Tensor::from_vec(w, b, latents.device())?.to_dtype(loss_dt)?;
-            (per_sample * w)?.mean_all()?
-        }
-    };
-    Ok(loss)
 }
 
 /// Loop position saved in checkpoints.
@@ -347,122 +105,8 @@ pub struct Trainer {
     pub dataset: Dataset,
     schedule: NoiseSchedule,
     lr_schedule: LrSchedule,
-    vae_id: String,
-    te_id: String,
-    posteriors: HashMap<(usize, Variant), (Tensor, Tensor)>,
-    texts: HashMap<String, (Tensor, Option<Tensor>)>,
-}
-
-/// Hashes the files of `dirs` (missing folders are skipped): small text
-/// files (configs, vocabularies) by content, weight files by name, size and
-/// mtime (too big to hash each run).
-fn folder_identity(model: &Path, dirs: &[String]) -> Result<String> {
-    let mut h = Sha256::new();
-    let index = model.join("model_index.json");
-    if index.is_file() {
-        h.update(std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?);
-    }
-    for d in dirs {
-        let dir = model.join(d);
-        if !dir.is_dir() {
-            continue;
-        }
-        h.update(d.as_bytes());
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        entries.sort();
-        for p in entries {
-            let name = p
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .to_string();
-            let md = std::fs::metadata(&p).with_context(|| format!("reading {}", p.display()))?;
-            h.update(name.as_bytes());
-            h.update(md.len().to_le_bytes());
-            let text = [".json", ".txt", ".model"]
-                .iter()
-                .any(|e| name.ends_with(e));
-            if text && md.len() < (16 << 20) {
-                h.update(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
-            } else if let Ok(t) = md.modified() {
-                if let Ok(d) = t.duration_since(std::time::UNIX_EPOCH) {
-                    h.update(d.as_nanos().to_le_bytes());
-                }
-            }
-        }
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-/// Identity of the image codec (the `vae/` folder, or whatever other part
-/// folder the model declares besides the UNet, text encoders, tokenizers
-/// and scheduler).
-fn vae_identity(model: &Path) -> Result<String> {
-    let mut dirs = vec![];
-    for e in std::fs::read_dir(model).with_context(|| format!("listing {}", model.display()))? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let other = ["unet", "scheduler"].contains(&name.as_str())
-            || name.starts_with("text_encoder")
-            || name.starts_with("tokenizer");
-        if e.path().is_dir() && !other {
-            dirs.push(name);
-        }
-    }
-    dirs.sort();
-    folder_identity(model, &dirs)
-}
-
-/// Identity of the text encoders and tokenizers (the text-embedding cache key).
-fn text_encoder_identity(model: &Path) -> Result<String> {
-    let dirs = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"];
-    folder_identity(model, &dirs.map(String::from))
-}
-
-/// Text embeddings of `texts` in one batch, computed in the graph (gradients
-/// reach trainable text encoders): the same conditioning as
-/// `StableDiffusion::encode_text`, one row per caption.
-pub fn encode_batch(sd: &StableDiffusion, texts: &[String]) -> Result<(Tensor, Option<Tensor>)> {
-    let ids = |tok: &selma_diffusion::tokenizer::ClipTokenizer| -> Result<Tensor> {
-        let rows = texts
-            .iter()
-            .map(|t| tok.encode_padded(t))
-            .collect::<Result<Vec<_>>>()?;
-        let l = rows.first().map_or(0, |r| r.len());
-        ensure!(
-            rows.iter().all(|r| r.len() == l),
-            "tokenizer gave sequences of different lengths"
-        );
-        Ok(Tensor::from_vec(
-            rows.concat(),
-            (texts.len(), l),
-            sd.device(),
-        )?)
-    };
-    use selma_diffusion::clip::HiddenLayer;
-    match (&sd.text_encoder_2, &sd.tokenizer_2) {
-        (Some(te2), Some(tok2)) => {
-            let o1 = sd
-                .text_encoder
-                .forward(&ids(&sd.tokenizer)?, HiddenLayer::PENULTIMATE)?;
-            let o2 = te2.forward(&ids(tok2)?, HiddenLayer::PENULTIMATE)?;
-            let ctx = Tensor::cat(&[&o1.hidden, &o2.hidden.to_dtype(o1.hidden.dtype())?], 2)?;
-            let pooled = o2
-                .text_embeds
-                .context("text_encoder_2 has no text_projection (SDXL needs one)")?;
-            Ok((ctx, Some(pooled)))
-        }
-        _ => Ok((
-            sd.text_encoder
-                .forward(&ids(&sd.tokenizer)?, HiddenLayer::Last)?
-                .hidden,
-            None,
-        )),
-    }
+    latents: LatentCache,
+    texts: TextCache,
 }
 
 /// Visits every adaptable layer of the UNet and the text encoder(s).
@@ -562,8 +206,8 @@ impl Trainer {
         let order = rng.permutation(dataset.len());
         let schedule = sd.scheduler_config.noise_schedule();
         let lr_schedule = LrSchedule::parse(&cfg.lr_schedule, cfg.warmup_steps, cfg.steps)?;
-        let vae_id = vae_identity(&cfg.model)?;
-        let te_id = text_encoder_identity(&cfg.model)?;
+        let latents = LatentCache::new(&cfg.run_dir(), &cfg.model)?;
+        let texts = TextCache::new(&cfg.run_dir(), &cfg.model)?;
         Ok(Self {
             cfg,
             sd,
@@ -584,10 +228,8 @@ impl Trainer {
             dataset,
             schedule,
             lr_schedule,
-            vae_id,
-            te_id,
-            posteriors: HashMap::new(),
-            texts: HashMap::new(),
+            latents,
+            texts,
         })
     }
 
@@ -608,11 +250,10 @@ impl Trainer {
     }
 
     /// VAE posterior (mean, std) of sample `idx` in crop/flip `v`: from
-    /// memory, the on-disk cache (keyed by image bytes, VAE identity,
-    /// resolution and variant), or the VAE; a weightless codec encodes directly.
+    /// memory, the on-disk cache ([`LatentCache`]), or the VAE; a weightless codec encodes directly.
     fn posterior(&mut self, idx: usize, v: Variant) -> Result<(Tensor, Tensor)> {
-        if let Some(p) = self.posteriors.get(&(idx, v)) {
-            return Ok(p.clone());
+        if let Some(p) = self.latents.remembered(idx, v) {
+            return Ok(p);
         }
         let path = self.dataset.samples[idx].image.clone();
         if self.sd.vae.as_kl().is_none() {
@@ -632,51 +273,29 @@ impl Trainer {
                 post.std()?.to_dtype(DType::F32)?,
             ));
         }
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut h = Sha256::new();
-        h.update(&bytes);
-        h.update(self.vae_id.as_bytes());
-        h.update(format!(
-            "{}:{}:{}:{}:{}",
-            self.cfg.resolution, v.x, v.y, v.flip, self.cfg.dtype
-        ));
-        let key = hex::encode(h.finalize());
-        let cache_dir = self.cfg.run_dir().join("latent-cache");
-        let file = cache_dir.join(format!("{key}.safetensors"));
+        let file = self
+            .latents
+            .entry(&path, self.cfg.resolution, v, &self.cfg.dtype)?;
         let device = self.sd.device().clone();
-        let (mean, std) = if file.is_file() {
-            let t = candle_core::safetensors::load(&file, &device)
-                .with_context(|| format!("reading cached latents {}", file.display()))?;
-            (
-                t.get("mean").context("cached latents lack `mean`")?.clone(),
-                t.get("std").context("cached latents lack `std`")?.clone(),
-            )
-        } else {
-            let img = load_rgb(&path)?;
-            let px = prepare(&img, self.cfg.resolution, v, &device)?
-                .unsqueeze(0)?
-                .to_dtype(self.sd.vae.dtype())?;
-            let post = self
-                .sd
-                .vae
-                .encode(&px)
-                .with_context(|| format!("encoding {} with the VAE", path.display()))?;
-            let mean = post.mean.to_dtype(DType::F32)?;
-            let std = post.std()?.to_dtype(DType::F32)?;
-            std::fs::create_dir_all(&cache_dir)
-                .with_context(|| format!("creating {}", cache_dir.display()))?;
-            let tmp = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
-            let m: HashMap<String, Tensor> = [
-                ("mean".to_string(), mean.to_device(&Device::Cpu)?),
-                ("std".to_string(), std.to_device(&Device::Cpu)?),
-            ]
-            .into();
-            candle_core::safetensors::save(&m, &tmp)?;
-            std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
-            (mean, std)
+        let (mean, std) = match self.latents.load(&file, &device)? {
+            Some(p) => p,
+            None => {
+                let img = load_rgb(&path)?;
+                let px = prepare(&img, self.cfg.resolution, v, &device)?
+                    .unsqueeze(0)?
+                    .to_dtype(self.sd.vae.dtype())?;
+                let post = self
+                    .sd
+                    .vae
+                    .encode(&px)
+                    .with_context(|| format!("encoding {} with the VAE", path.display()))?;
+                let mean = post.mean.to_dtype(DType::F32)?;
+                let std = post.std()?.to_dtype(DType::F32)?;
+                self.latents.store(&file, &mean, &std)?;
+                (mean, std)
+            }
         };
-        self.posteriors
-            .insert((idx, v), (mean.clone(), std.clone()));
+        self.latents.remember(idx, v, mean.clone(), std.clone());
         Ok((mean, std))
     }
 
@@ -706,51 +325,26 @@ impl Trainer {
     }
 
     /// Frozen text encoder: the embeddings of one caption from memory, the
-    /// on-disk cache (`<run_dir>/text-cache/`, keyed by caption, text-encoder
-    /// identity and dtype) or the encoder.
+    /// on-disk cache ([`TextCache`]) or the encoder.
     fn text(&mut self, text: &str) -> Result<(Tensor, Option<Tensor>)> {
-        if let Some(t) = self.texts.get(text) {
-            return Ok(t.clone());
+        if let Some(t) = self.texts.remembered(text) {
+            return Ok(t);
         }
-        let mut h = Sha256::new();
-        h.update(self.te_id.as_bytes());
-        h.update([0u8]);
-        h.update(text.as_bytes());
-        h.update([0u8]);
-        h.update(self.cfg.dtype.as_bytes());
-        let key = hex::encode(h.finalize());
-        let cache_dir = self.cfg.run_dir().join("text-cache");
-        let file = cache_dir.join(format!("{key}.safetensors"));
-        let device = self.sd.device().clone();
-        let t = if file.is_file() {
-            let m = candle_core::safetensors::load(&file, &device)
-                .with_context(|| format!("reading cached text embeddings {}", file.display()))?;
-            let ctx = m
-                .get("context")
-                .with_context(|| format!("{} lacks `context`", file.display()))?
-                .clone();
-            (ctx, m.get("pooled").cloned())
-        } else {
-            self.text_encoder_calls += 1;
-            let t = self
-                .sd
-                .encode_text(text)
-                .with_context(|| format!("encoding caption {text:?}"))?;
-            let t = (t.0.detach(), t.1.map(|p| p.detach()));
-            std::fs::create_dir_all(&cache_dir)
-                .with_context(|| format!("creating {}", cache_dir.display()))?;
-            let mut m: HashMap<String, Tensor> =
-                [("context".to_string(), t.0.to_device(&Device::Cpu)?)].into();
-            if let Some(p) = &t.1 {
-                m.insert("pooled".into(), p.to_device(&Device::Cpu)?);
+        let file = self.texts.entry(text, &self.cfg.dtype);
+        let t = match self.texts.load(&file, self.sd.device())? {
+            Some(t) => t,
+            None => {
+                self.text_encoder_calls += 1;
+                let t = self
+                    .sd
+                    .encode_text_batch(&[text])
+                    .with_context(|| format!("encoding caption {text:?}"))?;
+                let t = (t.0.detach(), t.1.map(|p| p.detach()));
+                self.texts.store(&file, &t)?;
+                t
             }
-            let tmp = cache_dir.join(format!(".{key}.tmp-{}", std::process::id()));
-            candle_core::safetensors::save(&m, &tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &file).with_context(|| format!("writing {}", file.display()))?;
-            t
         };
-        self.texts.insert(text.to_string(), t.clone());
+        self.texts.remember(text, t.clone());
         Ok(t)
     }
 
@@ -759,7 +353,9 @@ impl Trainer {
     fn texts_batch(&mut self, texts: &[String]) -> Result<(Tensor, Option<Tensor>)> {
         let (ctx, pooled) = if self.cfg.trains_text_encoder() {
             self.text_encoder_calls += texts.len() as u64;
-            encode_batch(&self.sd, texts).with_context(|| format!("encoding captions {texts:?}"))?
+            self.sd
+                .encode_text_batch(texts)
+                .with_context(|| format!("encoding captions {texts:?}"))?
         } else {
             let (mut ctx, mut pooled) = (vec![], vec![]);
             for t in texts {
@@ -899,7 +495,7 @@ impl Trainer {
                 .to_dtype(dtype)?;
             let text = self.dataset.samples[idx].text.clone();
             let (ctx, pooled) = if self.cfg.trains_text_encoder() {
-                let (c, p) = encode_batch(&self.sd, std::slice::from_ref(&text))?;
+                let (c, p) = self.sd.encode_text_batch(&[&text])?;
                 (c.detach(), p.map(|p| p.detach()))
             } else {
                 self.text(&text)?
@@ -1352,9 +948,7 @@ fn trim_loss_log(path: &Path, step: u64) -> Result<()> {
     if kept.len() == text.len() {
         return Ok(());
     }
-    let tmp = path.with_extension(format!("jsonl.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, kept.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    selma_io::write_atomic(path, kept.as_bytes())
 }
 
 #[cfg(test)]

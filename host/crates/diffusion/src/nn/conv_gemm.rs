@@ -3,8 +3,9 @@
 //! `[out, in, kh, kw]` layout as an `[out, in*kh*kw]` matrix, so no weight
 //! bytes are copied per call: candle's CPU conv2d re-lays out the whole kernel
 //! on every call (a 59 MB single-threaded strided copy for a 1280x1280 3x3
-//! conv), which dominates the UNet at small latents. (Written by the UNET
-//! engineer for `Conv2d::forward`; benchmarked in benches/unet_step.rs.)
+//! conv), which dominates the UNet at small latents (benches/unet_step.rs).
+//! This is the crate's one im2col: `Conv2d::forward` and the frozen
+//! convolution's off-graph forward (`frozen::conv`) both go through it.
 
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
@@ -71,7 +72,7 @@ mod tests {
     use candle_core::Var;
 
     fn seq(shape: &[usize], seed: u32) -> Tensor {
-        crate::nn::ops::testing::seq(shape, seed)
+        crate::nn::testing::seq(shape, seed)
             .to_dtype(candle_core::DType::F32)
             .unwrap()
     }

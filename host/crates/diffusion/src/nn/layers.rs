@@ -7,10 +7,11 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
 
+use super::activation::silu;
 use super::adapter::{fit_adapter, Adaptable, Adapter, LayerKind, LoraHost};
 use super::conv_gemm::conv2d_gemm;
 use super::frozen::{frozen_conv2d_bias, frozen_linear};
-use super::ops::{group_norm_frozen, layer_norm_frozen};
+use super::frozen::{group_norm_frozen, layer_norm_frozen};
 use crate::weights::Vb;
 
 fn upcast(x: &Tensor) -> Result<Tensor> {
@@ -312,6 +313,16 @@ impl GroupNorm {
             .broadcast_mul(&w)?
             .broadcast_add(&bb)?;
         Ok(y.to_dtype(x.dtype())?)
+    }
+
+    /// `silu(norm(x))`: one fused node when gradients flow through a frozen
+    /// norm on the CPU (see `frozen::group_norm_frozen`), else
+    /// [`GroupNorm::forward`] followed by SiLU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match group_norm_frozen(x, self.num_groups, &self.weight, &self.bias, self.eps, true)? {
+            Some(y) => Ok(y),
+            None => silu(&self.forward(x)?),
+        }
     }
 }
 

@@ -8,10 +8,9 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
-use crate::nn::ops::{geglu_erf, group_norm_frozen, layer_norm_frozen};
 use crate::nn::{
-    attention, join_path, merge_heads, split_heads, Activation, Adaptable, Conv2d, GroupNorm,
-    LayerNorm, Linear, LoraHost,
+    attention, geglu_erf, join_path, merge_heads, split_heads, Activation, Adaptable, Conv2d,
+    GroupNorm, LayerNorm, Linear, LoraHost,
 };
 use crate::weights::Vb;
 
@@ -165,12 +164,12 @@ impl BasicTransformerBlock {
 
     /// `[B, N, dim]` with context `[B, M, cross_attention_dim]`.
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&layer_norm(&self.norm1, xs)?, None)? + xs)?;
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
         let xs = (self
             .attn2
-            .forward(&layer_norm(&self.norm2, &xs)?, Some(context))?
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
             + xs)?;
-        Ok((self.ff.forward(&layer_norm(&self.norm3, &xs)?)? + xs)?)
+        Ok((self.ff.forward(&self.norm3.forward(&xs)?)? + xs)?)
     }
 }
 
@@ -179,19 +178,6 @@ impl Adaptable for BasicTransformerBlock {
         self.attn1.visit_adaptable(&join_path(prefix, "attn1"), f);
         self.attn2.visit_adaptable(&join_path(prefix, "attn2"), f);
         self.ff.visit_adaptable(&join_path(prefix, "ff"), f);
-    }
-}
-
-/// `norm(x)`: one fused node when training with a frozen norm (see
-/// `nn::ops::layer_norm_frozen`), the layer's own ops otherwise.
-fn layer_norm(norm: &LayerNorm, x: &Tensor) -> Result<Tensor> {
-    let fused = match &norm.bias {
-        Some(b) => layer_norm_frozen(x, &norm.weight, b, norm.eps)?,
-        None => None,
-    };
-    match fused {
-        Some(y) => Ok(y),
-        None => norm.forward(x),
     }
 }
 
@@ -278,17 +264,7 @@ impl Transformer2DModel {
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
-        let xs = match group_norm_frozen(
-            xs,
-            self.norm.num_groups,
-            &self.norm.weight,
-            &self.norm.bias,
-            self.norm.eps,
-            false,
-        )? {
-            Some(y) => y,
-            None => self.norm.forward(xs)?,
-        };
+        let xs = self.norm.forward(xs)?;
         let tokens = |t: &Tensor| -> Result<Tensor> {
             let ch = t.dim(1)?;
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))?)

@@ -6,8 +6,7 @@
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
 
-use crate::nn::ops::group_norm_frozen;
-use crate::nn::{join_path, silu, Activation, Adaptable, Conv2d, GroupNorm, Linear, LoraHost};
+use crate::nn::{join_path, Activation, Adaptable, Conv2d, GroupNorm, Linear, LoraHost};
 use crate::weights::Vb;
 
 use super::attention::{Transformer2DModel, TransformerSpec};
@@ -66,14 +65,14 @@ impl ResnetBlock2D {
 
     /// `xs: [B, cin, H, W]`, `temb_act`: the time embedding after SiLU, `[B, temb]`.
     pub fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&norm_silu(&self.norm1, xs)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let t = self
             .time_emb_proj
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&norm_silu(&self.norm2, &h)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
@@ -96,15 +95,6 @@ impl Adaptable for ResnetBlock2D {
         if let Some(c) = &mut self.conv_shortcut {
             c.visit_adaptable(&join_path(prefix, "conv_shortcut"), f);
         }
-    }
-}
-
-/// `silu(norm(x))`: one fused node when training with a frozen norm (see
-/// `nn::ops::group_norm_frozen`), the layer's own ops otherwise.
-pub(crate) fn norm_silu(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    match group_norm_frozen(x, norm.num_groups, &norm.weight, &norm.bias, norm.eps, true)? {
-        Some(y) => Ok(y),
-        None => silu(&norm.forward(x)?),
     }
 }
 

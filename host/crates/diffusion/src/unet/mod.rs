@@ -264,7 +264,7 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let xs = blocks::norm_silu(&self.conv_norm_out, &xs)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 

@@ -1,153 +1,12 @@
-//! Frozen-weight fast path for training (written by the TRAINING engineer,
-//! adopted by the NN owner; convolutions go through `conv_gemm`). candle's backward of `matmul` and `conv2d`
-//! always computes the gradient of BOTH operands, so every frozen base weight
-//! on the path from a LoRA adapter to the loss costs a weight-sized gradient
-//! (extra matmul/conv work plus a buffer held in the `GradStore`). Here the
-//! frozen product is computed outside the graph and re-attached through a
-//! custom op whose backward returns only the input's gradient.
-
-use std::sync::atomic::{AtomicBool, Ordering};
+//! Convolutions with a frozen weight (and bias): the forward is
+//! `conv2d_gemm` off-graph, the backward only the input's gradient, on the
+//! CPU one GEMM plus a col2im.
 
 use anyhow::{ensure, Result};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 
-use super::conv_gemm::conv2d_gemm;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
-
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the fast path on or off process-wide (on by default; off reproduces
-/// plain candle ops, for benchmarks and tests).
-pub fn set_frozen_fast_path(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
-
-/// Whether the fast path is on.
-pub fn frozen_fast_path() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// Whether `x op w` should take the fast path: `x` is on a gradient path and
-/// `w` is frozen (tracks nothing).
-fn wanted(x: &Tensor, w: &Tensor) -> bool {
-    frozen_fast_path() && x.track_op() && !w.track_op()
-}
-
-#[derive(Debug, Clone)]
-enum Kind {
-    Linear,
-    Conv2d { padding: usize, stride: usize },
-}
-
-/// Forward: returns its second operand (the product computed off-graph).
-/// Backward: the gradient of the first operand (the layer input) only.
-struct FrozenProduct {
-    weight: Tensor,
-    kind: Kind,
-}
-
-fn copy_slice<T: Clone>(v: &[T], l: &Layout) -> candle_core::Result<Vec<T>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(v[a..b].to_vec()),
-        None => candle_core::bail!("frozen-product: precomputed output is not contiguous"),
-    }
-}
-
-impl CustomOp2 for FrozenProduct {
-    fn name(&self) -> &'static str {
-        "frozen-product"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s2 {
-            CpuStorage::F32(v) => CpuStorage::F32(copy_slice(v, l2)?),
-            CpuStorage::F64(v) => CpuStorage::F64(copy_slice(v, l2)?),
-            CpuStorage::F16(v) => CpuStorage::F16(copy_slice(v, l2)?),
-            CpuStorage::BF16(v) => CpuStorage::BF16(copy_slice(v, l2)?),
-            _ => candle_core::bail!("frozen-product: unsupported dtype (f32/f64/f16/bf16 only)"),
-        };
-        Ok((out, l2.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        match l2.contiguous_offsets() {
-            Some((0, n)) if n == l2.shape().elem_count() => {
-                Ok((s2.try_clone(l2)?, l2.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-product: precomputed output must be fresh"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        arg1: &Tensor,
-        _arg2: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = self.weight.to_dtype(grad_res.dtype())?;
-        let g = match self.kind {
-            Kind::Linear => grad_res.matmul(&w)?,
-            Kind::Conv2d { padding, stride } => {
-                conv2d_input_grad(grad_res, &w, arg1.dims4()?, padding, stride)
-                    .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?
-            }
-        };
-        Ok((Some(g), None))
-    }
-}
-
-/// `x [n, in] · wᵀ` (`w` `[out, in]`, same dtype as `x`); no gradient for `w`
-/// when `w` is frozen.
-pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !wanted(x, w) {
-        return Ok(x.matmul(&w.t()?)?);
-    }
-    let y = x.detach().matmul(&w.t()?)?.contiguous()?;
-    let op = FrozenProduct {
-        weight: w.clone(),
-        kind: Kind::Linear,
-    };
-    Ok(x.apply_op2(&y, op)?)
-}
-
-/// `x [n, in] · wᵀ + b` with a frozen `w` `[out, in]` and bias `b` `[out]`:
-/// the bias is added off-graph too, so the backward neither computes nor
-/// stores a gradient for it (candle's `broadcast_add` of a constant still
-/// materialises an `[n, out]` gradient for the broadcast bias). Falls back to
-/// [`frozen_matmul_t`] + `broadcast_add` when `b` tracks gradients.
-pub fn frozen_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let b_frozen = b.is_none_or(|b| !b.track_op());
-    if !wanted(x, w) || !b_frozen {
-        let y = frozen_matmul_t(x, w)?;
-        return Ok(match b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
-    }
-    let mut y = x.detach().matmul(&w.t()?)?;
-    if let Some(b) = b {
-        y = y.broadcast_add(b)?;
-    }
-    let op = FrozenProduct {
-        weight: w.clone(),
-        kind: Kind::Linear,
-    };
-    Ok(x.apply_op2(&y.contiguous()?, op)?)
-}
+use super::{wanted, FrozenProduct, Kind};
+use crate::nn::conv_gemm::conv2d_gemm;
 
 /// [`frozen_conv2d`] plus a frozen bias `b` `[out]` added off-graph (see
 /// [`frozen_linear`]).
@@ -366,76 +225,10 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// The off-graph forward of [`frozen_conv2d`]: on the CPU one im2col pass
-/// (instead of `conv2d_gemm`'s per-tap copies and concatenation) and one
-/// GEMM; `conv2d_gemm` elsewhere. Returns a contiguous `[B, O, oh, ow]`.
+/// The off-graph forward of [`frozen_conv2d`]: [`conv2d_gemm`] (the one
+/// im2col), made contiguous `[B, O, oh, ow]`.
 fn frozen_conv_forward(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (b, c, h, wd) = x.dims4()?;
-    let (o, wc, kh, kw) = w.dims4()?;
-    let pointwise = kh == 1 && kw == 1 && padding == 0 && stride == 1;
-    if !x.device().is_cpu() || pointwise || wc != c || h + 2 * padding < kh || wd + 2 * padding < kw
-    {
-        return Ok(conv2d_gemm(x, w, padding, stride)?.contiguous()?);
-    }
-    let geom = Col2Im::new((b, c, h, wd), (kh, kw), padding, stride);
-    let col = x.contiguous()?.apply_op1_no_bwd(&Im2Col(geom))?;
-    let w = if w.is_contiguous() {
-        w.clone()
-    } else {
-        w.contiguous()?
-    };
-    let y = w.reshape((o, c * kh * kw))?.matmul(&col)?;
-    let (oh, ow) = (geom.oh, geom.ow);
-    let y = y.reshape((o, b, oh, ow))?.transpose(0, 1)?;
-    Ok(if b == 1 {
-        y.reshape((1, o, oh, ow))?
-    } else {
-        y.contiguous()?
-    })
-}
-
-/// im2col, the transpose of [`Col2Im`]: `[B, C, H, W]` -> `[C*kh*kw, B*oh*ow]`
-/// (zero where a tap falls into the padding).
-struct Im2Col(Col2Im);
-
-impl Im2Col {
-    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let g = &self.0;
-        let s = g.stride;
-        let mut col = vec![T::zero(); g.c * g.kh * g.kw * g.b * g.oh * g.ow];
-        g.walk(|cs, xs, len| {
-            for (t, d) in col[cs..cs + len].iter_mut().enumerate() {
-                *d = x[xs + t * s];
-            }
-        });
-        col
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let (a, e) = match l.contiguous_offsets() {
-            Some(o) if l.shape().dims() == [g.b, g.c, g.h, g.w] => o,
-            _ => candle_core::bail!(
-                "im2col: expected a contiguous {:?} input",
-                (g.b, g.c, g.h, g.w)
-            ),
-        };
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..e])),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..e])),
-            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[a..e])),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[a..e])),
-            _ => candle_core::bail!("im2col: unsupported dtype (f32/f64/f16/bf16 only)"),
-        };
-        let shape = Shape::from((g.c * g.kh * g.kw, g.b * g.oh * g.ow));
-        Ok((out, shape))
-    }
+    Ok(conv2d_gemm(x, w, padding, stride)?.contiguous()?)
 }
 
 /// `conv2d(x, w; padding, stride)` (groups 1, dilation 1, `w` in `x`'s dtype);
@@ -455,14 +248,14 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::ops::testing::{max_diff, seq};
+    use crate::nn::testing::{max_diff, seq};
     use candle_core::{DType, Device, Var};
 
     /// The GEMM + col2im input gradient equals central differences of
     /// candle's conv2d (exact: the loss is linear in x), for odd, even and
     /// rectangular sizes, strides 1-3, paddings 0-2, kernels 1-3, and is what
     /// the frozen op's backward returns (with no weight gradient); the frozen
-    /// op's im2col forward equals candle's conv2d.
+    /// op's forward (`conv2d_gemm`'s im2col) equals candle's conv2d.
     #[test]
     fn conv_input_grad_matches_finite_differences() {
         for &(b, c, h, wd, o, k, pad, stride) in &[
@@ -508,7 +301,7 @@ mod tests {
             // And through the frozen op's backward.
             let x = Var::from_tensor(&x0).unwrap();
             let yf = frozen_conv2d(x.as_tensor(), &w, pad, stride).unwrap();
-            // The im2col forward equals candle's conv2d.
+            // The forward (conv2d_gemm's im2col) equals candle's conv2d.
             let e = max_diff(&yf, &y);
             assert!(e < 1e-12, "forward {e}");
             let gs = (yf * &g).unwrap().sum_all().unwrap().backward().unwrap();
@@ -527,26 +320,10 @@ mod tests {
         .unwrap();
         assert_eq!(g32.dims(), &[1, 2, 6, 6]);
     }
-
-    /// The bias-folding variants give the plain ops' values and input
-    /// gradients, and no gradient for the frozen weight or bias.
+    /// The bias-folding convolution gives the plain ops' values and input
+    /// gradient, and no gradient for the frozen weight or bias.
     #[test]
     fn bias_folding_matches_plain_ops() {
-        let x = Var::from_tensor(&seq(&[5, 4], 11)).unwrap();
-        let (w, b) = (seq(&[3, 4], 12), seq(&[3], 13));
-        let c = seq(&[5, 3], 14);
-        let y = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
-        let y_ref = x
-            .as_tensor()
-            .matmul(&w.t().unwrap())
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        assert!(max_diff(&y, &y_ref) < 1e-14);
-        let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(max_diff(g.get(x.as_tensor()).unwrap(), &c.matmul(&w).unwrap()) < 1e-14);
-        assert!(g.get(&w).is_none() && g.get(&b).is_none());
-
         let x = Var::from_tensor(&seq(&[2, 3, 7, 7], 15)).unwrap();
         let (w, b) = (seq(&[4, 3, 3, 3], 16), seq(&[4], 17));
         let y = frozen_conv2d_bias(x.as_tensor(), &w, Some(&b), 1, 2).unwrap();
