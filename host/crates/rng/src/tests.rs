@@ -221,7 +221,10 @@ fn sample_k_draws_distinct_indices_uniformly() {
         let p = sample_k(5, 2, &mut r);
         counts[p[0] * 5 + p[1]] += 1;
     }
-    let pairs: Vec<u64> = (0..25).filter(|i| i / 5 != i % 5).map(|i| counts[i]).collect();
+    let pairs: Vec<u64> = (0..25)
+        .filter(|i| i / 5 != i % 5)
+        .map(|i| counts[i])
+        .collect();
     assert!((0..5).all(|i| counts[i * 5 + i] == 0));
     // 19 degrees of freedom: P(chi2 > 43.82) = 0.001.
     let chi = chi_square(&pairs);
@@ -240,5 +243,8 @@ fn pick_and_the_reference_impl_forward() {
     assert!(seen.iter().all(|&s| s));
     let (mut a, mut b) = (SplitMix64::new(4), SplitMix64::new(4));
     let by_ref: &mut SplitMix64 = &mut b;
-    assert_eq!(Rng::below(&mut a, 1000), Rng::below(&mut &mut *by_ref, 1000));
+    assert_eq!(
+        Rng::below(&mut a, 1000),
+        Rng::below(&mut &mut *by_ref, 1000)
+    );
 }
