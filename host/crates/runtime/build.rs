@@ -21,7 +21,7 @@ fn main() {
         .canonicalize()
         .expect("workspace root");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("bundled.rs");
-    for dir in ["plugins", "plugin-sdk", "wit"] {
+    for dir in ["plugins", "plugin-sdk", "host/crates/rng", "wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=SELMA_SKIP_BUNDLED");

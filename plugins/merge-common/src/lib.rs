@@ -366,13 +366,8 @@ pub fn dare<O: TensorOps>(
     }
 }
 
-/// SplitMix64 finaliser: a well-mixed 64-bit hash of `x`.
-pub fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+/// SplitMix64 finaliser: a well-mixed 64-bit hash of `x` (`selma-rng`'s).
+pub use selma_rng::splitmix64;
 
 /// FNV-1a 64-bit hash of a string.
 pub fn fnv1a64(s: &str) -> u64 {

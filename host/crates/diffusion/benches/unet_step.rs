@@ -34,14 +34,9 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 /// SplitMix64 stream: uniform f32 in [-1, 1).
 fn fill_uniform(out: &mut [f32], seed: u64, scale: f32, offset: f32) {
-    let mut s = seed;
+    let mut r = selma_rng::SplitMix64::new(seed);
     for v in out.iter_mut() {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        *v = offset + scale * ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0);
+        *v = offset + scale * ((r.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0);
     }
 }
 

@@ -285,16 +285,10 @@ const BOS: u32 = 62;
 const EOS: u32 = 63;
 
 fn rand_vec(n: usize, seed: u64, scale: f64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(7);
+    let mut r =
+        selma_rng::SplitMix64::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(7));
     (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale) as f32
-        })
+        .map(|_| ((r.next_f64() * 2.0 - 1.0) * scale) as f32)
         .collect()
 }
 

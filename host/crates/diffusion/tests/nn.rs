@@ -21,17 +21,9 @@ use selma_lora::{LoraFile, LoraFormat, LoraLayer};
 
 /// Deterministic pseudo-random values in [-1, 1) (splitmix64).
 fn rand_vec(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
+    let mut r =
+        selma_rng::SplitMix64::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1));
+    (0..n).map(|_| r.next_f64() * 2.0 - 1.0).collect()
 }
 
 fn rand_t(shape: &[usize], seed: u64, dtype: DType) -> Tensor {

@@ -73,17 +73,15 @@ fn unet_loader_covers_sdxl_layout() {
     check_coverage("sdxl");
 }
 
-/// SplitMix64: a tiny seeded generator, so the test weights are reproducible.
-struct Rng(u64);
+/// A seeded SplitMix64 stream, so the test weights are reproducible.
+struct Rng(selma_rng::SplitMix64);
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(selma_rng::SplitMix64::new(seed))
+    }
     fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        // uniform in [-1, 1)
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        // uniform in [-1, 1) from the top 24 bits
+        (self.0.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
     fn tensor(&mut self, shape: &[usize], scale: f32, offset: f32) -> Tensor {
         let n: usize = shape.iter().product();
@@ -99,7 +97,7 @@ fn write_random_weights(
     seed: u64,
     path: &Path,
 ) -> HashMap<String, Tensor> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut out = HashMap::new();
     for (k, shape) in keys {
         let t = if shape.len() >= 2 {
@@ -211,7 +209,7 @@ fn tiny_pair(
 }
 
 fn inputs(cfg: &UNetConfig, seed: u64) -> (Tensor, Tensor) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let sample = rng.tensor(&[2, 4, 16, 16], 1.5, 0.0);
     let context = rng.tensor(&[2, 7, cfg.cross_attention_dim[0]], 1.0, 0.0);
     (sample, context)
@@ -313,7 +311,7 @@ fn unet_sdxl_added_embeddings_are_per_sample() {
     )
     .unwrap();
     // 64 = pooled 16 + 6 time ids * 8
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let mut shapes = BTreeMap::new();
     // Discover the key set: loading stops at the first missing key and names
     // it with its expected shape; grow the set until the model loads.
@@ -435,7 +433,7 @@ fn unet_lora_gradients_reach_to_k_and_match_finite_differences() {
     let (sample, context) = inputs(&cfg, 13);
     let ts = Tensor::new(&[300f32, 650.0], &Device::Cpu).unwrap();
     let target = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k";
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     let up = Var::from_tensor(&rng.tensor(&[32, 2], 0.3, 0.0)).unwrap();
     let down = Var::from_tensor(&rng.tensor(&[2, 32], 0.3, 0.0)).unwrap();
     let mut attached = 0;

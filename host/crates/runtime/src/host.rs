@@ -9,7 +9,7 @@ use crate::bindings::merge::selma::plugin::{log, random, tensor, types};
 use crate::types::{LogLevel, LogLine, RgbImage};
 use crate::{CompletionRequest, Shared};
 use candle_core::Tensor;
-use selma_lora::rng::SplitMix64;
+use selma_rng::SplitMix64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Resource, ResourceTable};

@@ -1,55 +1,71 @@
-//! A seeded, serialisable random source for training (xoshiro256++ seeded
-//! through SplitMix64, Box-Muller normals in f64): the whole state is plain
+//! A seeded, serialisable random source for training (`selma-rng`'s
+//! xoshiro256++ seeded through SplitMix64, Box-Muller normals in f64): the whole state is plain
 //! data, so a checkpoint can store it and a resumed run draws the same numbers.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Shape, Tensor};
-use selma_diffusion::scheduler::noise::{xoshiro_next, xoshiro_seed};
+use selma_rng::{normal_pair, Rng, Xoshiro256pp};
 use serde::{Deserialize, Serialize};
 
-/// The training RNG; `Clone` + serde so checkpoints capture it exactly.
+/// The training RNG: `selma-rng`'s xoshiro256++ plus the cached second
+/// Box-Muller value; `Clone` + serde (as `{"s": [u64; 4], "spare": ...}`)
+/// so checkpoints capture it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainRng {
-    /// xoshiro256++ state.
-    pub s: [u64; 4],
+    /// The xoshiro256++ generator, serialised as its state words.
+    #[serde(rename = "s", with = "state")]
+    rng: Xoshiro256pp,
     /// The second Box-Muller value, kept for the next `normal` call.
     pub spare: Option<f64>,
+}
+
+/// Serde of a [`Xoshiro256pp`] as its four state words.
+mod state {
+    use selma_rng::Xoshiro256pp;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(r: &Xoshiro256pp, s: S) -> Result<S::Ok, S::Error> {
+        r.state().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Xoshiro256pp, D::Error> {
+        <[u64; 4]>::deserialize(d).map(Xoshiro256pp::from_state)
+    }
+}
+
+impl Rng for TrainRng {
+    fn next_u64(&mut self) -> u64 {
+        self.rng.next_u64()
+    }
 }
 
 impl TrainRng {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
         Self {
-            s: xoshiro_seed(seed),
+            rng: Xoshiro256pp::new(seed),
             spare: None,
         }
     }
 
     /// The next raw 64-bit output.
     pub fn next_u64(&mut self) -> u64 {
-        xoshiro_next(&mut self.s)
+        self.rng.next_u64()
     }
 
-    /// Uniform in the open interval (0, 1).
+    /// Uniform in (0, 1] (never 0; see `Rng::next_f64_positive`).
     pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
+        self.rng.next_f64_positive()
     }
 
-    /// Uniform integer in `[0, n)` (`n > 0`), without modulo bias.
+    /// Uniform integer in `[0, n)` (`n > 0`), without bias (`Rng::below`).
     pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "below(0)");
-        let zone = u64::MAX - (u64::MAX % n);
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
-        }
+        self.rng.below(n)
     }
 
     /// A fair coin.
     pub fn coin(&mut self) -> bool {
-        self.next_u64() >> 63 == 1
+        self.rng.coin()
     }
 
     /// One standard-normal draw.
@@ -57,22 +73,14 @@ impl TrainRng {
         if let Some(z) = self.spare.take() {
             return z;
         }
-        let u1 = self.uniform();
-        let u2 = self.uniform();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let th = std::f64::consts::TAU * u2;
-        self.spare = Some(r * th.sin());
-        r * th.cos()
+        let (a, b) = normal_pair(&mut self.rng);
+        self.spare = Some(b);
+        a
     }
 
-    /// A Fisher-Yates permutation of `0..n`.
+    /// A Fisher-Yates permutation of `0..n` (`selma_rng::permutation`).
     pub fn permutation(&mut self, n: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-        v
+        selma_rng::permutation(n, &mut self.rng)
     }
 
     /// A tensor of standard-normal values times `std` (drawn in f64 on the
@@ -110,6 +118,32 @@ mod tests {
             assert_eq!(a.normal().to_bits(), b.normal().to_bits());
             assert_eq!(a.next_u64(), b.next_u64());
         }
+    }
+
+    #[test]
+    fn stream_and_checkpoint_layout_are_pinned() {
+        // Values of the generator before it moved onto selma-rng (same
+        // seeding, bounded draw, shuffle and Box-Muller).
+        let mut r = TrainRng::new(3);
+        assert_eq!(r.permutation(10), [0, 5, 6, 1, 8, 2, 4, 9, 3, 7]);
+        let b: Vec<u64> = (0..5).map(|_| r.below(1000)).collect();
+        assert_eq!(b, [375, 10, 30, 349, 667]);
+        let c: Vec<bool> = (0..4).map(|_| r.coin()).collect();
+        assert_eq!(c, [false, false, false, true]);
+        assert_eq!(r.normal().to_bits(), 0xbfe4_1ac5_5f37_9c87);
+        assert_eq!(r.uniform().to_bits(), 0x3fd6_4e68_c07d_2313);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["s"],
+            serde_json::json!([
+                17648887996497524224u64,
+                11473206550258761903u64,
+                2957284369413741716u64,
+                17083844969647633699u64
+            ])
+        );
+        assert!(json["spare"].is_f64());
+        assert_eq!(json.as_object().unwrap().len(), 2);
     }
 
     #[test]
