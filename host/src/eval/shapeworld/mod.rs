@@ -1,14 +1,16 @@
-//! ShapeWorld experiments: verifier accuracy of a model (and LoRA variants)
-//! per skill on seeded held-out prompts, with intervals and paired tests.
+//! ShapeWorld experiments (`selma shapeworld eval|selfgen`): verifier
+//! accuracy of a model (and LoRA variants) per skill on seeded held-out
+//! prompts, with intervals and paired tests, and self-generated datasets.
 //!
-//! `eval` draws the prompts and noise, renders every variant and scores the
-//! images with the verifier plugin; `sampler` renders many prompts in one
-//! batch; `paired` holds the paired statistics (bootstrap, McNemar).
+//! `accuracy` draws the prompts and noise, renders every variant and scores
+//! the images with the verifier plugin; `render` renders many prompts in one
+//! batch; `paired` holds the paired statistics (bootstrap, McNemar);
+//! `selfgen` writes a verified training folder.
 
-pub mod eval;
+pub mod accuracy;
 pub mod paired;
-pub mod sampler;
-
-pub use eval::{EvalConfig, EvalReport, Variant};
-pub use sampler::{Renderer, SampleSettings};
+pub mod render;
 pub mod selfgen;
+
+pub use accuracy::{EvalConfig, EvalReport, Variant};
+pub use render::{Renderer, SampleSettings};
