@@ -6,8 +6,8 @@
 
 mod support;
 
-use selma::eval::{Cell, Results};
-use selma::report::{self, Grid, GridRow, LossCurve, ReportInput, Table};
+use selma::eval::report::{self, Grid, GridRow, LossCurve, ReportInput};
+use selma::eval::{Cell, Results, Table};
 use std::path::{Path, PathBuf};
 use support::browser::{body_attr, dump_dom, references};
 

@@ -10,8 +10,8 @@
 mod support;
 
 use candle_core::{Device, Tensor};
-use selma::experiment::eval::EvalReport;
-use selma::experiment::paired::mcnemar_exact;
+use selma::eval::shapeworld::accuracy::EvalReport;
+use selma::eval::shapeworld::paired::mcnemar_exact;
 use selma_shapeworld::read_png;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -8,9 +8,7 @@
 
 pub mod cli;
 pub mod eval;
-pub mod experiment;
 pub mod merge;
 pub mod pipeline;
 pub mod prompts;
-pub mod report;
 pub mod tuning;

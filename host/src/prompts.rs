@@ -9,8 +9,6 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::io::Write;
-use std::path::Path;
 
 /// One accepted prompt, one line of `prompts.jsonl`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,42 +229,6 @@ fn wanted_hint(remaining: usize, accepted: usize, candidates: usize) -> u32 {
     let want = (remaining as f64 / rate).ceil() as usize;
     let cap = remaining.max(remaining.saturating_mul(20).min(1000));
     want.clamp(remaining, cap).min(u32::MAX as usize) as u32
-}
-
-/// Write `records` as JSON lines to `path` atomically (temp file + rename).
-pub fn write_jsonl(path: &Path, records: &[PromptRecord]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating the output folder {}", dir.display()))?;
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("output path {} has no file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> Result<()> {
-        let file = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::new(file);
-        for r in records {
-            serde_json::to_writer(&mut w, r)?;
-            w.write_all(b"\n")?;
-        }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("writing {}", tmp.display())));
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
 }
 
 /// Lends a `selma_llm` client to plugins as their `llm` import.
@@ -730,7 +692,7 @@ mod tests {
                 round: 3,
             },
         ];
-        write_jsonl(&path, &recs).unwrap();
+        selma_io::write_jsonl(&path, &recs).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let back: Vec<PromptRecord> = text
             .lines()

@@ -450,17 +450,7 @@ fn run_prompts(
         }
     }
     bar.finish_and_clear();
-    let mut text = String::new();
-    for l in &lines {
-        text.push_str(&serde_json::to_string(l)?);
-        text.push('\n');
-    }
-    let meta = a.out.join("metadata.jsonl");
-    let tmp = a
-        .out
-        .join(format!(".metadata.jsonl.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &meta).with_context(|| format!("writing {}", meta.display()))?;
+    selma_io::write_jsonl(&a.out.join("metadata.jsonl"), &lines)?;
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
         "{} image(s) of {} prompt(s) in {:.1}s ({:.3}s/image) into {}",

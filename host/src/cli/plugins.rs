@@ -231,9 +231,7 @@ mod scaffold {
         ];
         for (file, text) in files {
             let path = dir.join(file);
-            let tmp = path.with_extension("tmp-selma");
-            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+            selma_io::write_atomic(&path, text.as_bytes())?;
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! `selma prompts`: generate prompts for one skill with a generator plugin
 //! and prompt filters, and write them to a JSON-lines file.
 
-use crate::prompts::{run_job, write_jsonl, PromptsJob};
+use crate::prompts::{run_job, PromptsJob};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -99,7 +99,7 @@ pub fn run(args: PromptsArgs) -> Result<()> {
         llm_grants: args.grant_llm,
     };
     let outcome = run_job(&job, !args.quiet)?;
-    write_jsonl(&args.out, &outcome.records)?;
+    selma_io::write_jsonl(&args.out, &outcome.records)?;
     let s = &outcome.stats;
     eprintln!(
         "{} prompts written to {} ({} rounds, {} candidates, {} blank or duplicate, {} surplus)",

@@ -1,10 +1,10 @@
 //! `selma shapeworld`: render ShapeWorld datasets (PNG folder +
 //! metadata.jsonl), draw caption sets for evaluation, and measure a model's
-//! verifier accuracy per skill (`eval`, over `crate::experiment`).
+//! verifier accuracy per skill (`eval`, over `crate::eval::shapeworld`).
 
-use crate::experiment::{
+use crate::eval::shapeworld::{
     self,
-    eval::{parse_lora_variant, parse_skills},
+    accuracy::{parse_lora_variant, parse_skills},
     EvalConfig, SampleSettings, Variant,
 };
 use anyhow::{ensure, Context, Result};
@@ -212,7 +212,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     let t = Instant::now();
-    let report = experiment::eval::run(&cfg, &mut |done, total| {
+    let report = shapeworld::accuracy::run(&cfg, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -299,7 +299,7 @@ fn selfgen(a: SelfgenArgs) -> Result<()> {
         ProgressBar::new(0)
     };
     let t = Instant::now();
-    let s = experiment::selfgen::self_generate(
+    let s = shapeworld::selfgen::self_generate(
         &a.model,
         &parse_device(&a.device)?,
         &prompts,
@@ -393,10 +393,7 @@ fn prompts(a: PromptsArgs) -> Result<()> {
     }
     match a.out {
         Some(path) => {
-            let tmp = path.with_extension("partial");
-            std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+            selma_io::write_atomic(&path, text.as_bytes())?;
         }
         None => std::io::stdout()
             .write_all(text.as_bytes())

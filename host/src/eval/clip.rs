@@ -4,13 +4,13 @@
 //! `image_size` by bicubic resampling, centre crop, CLIP mean/std), and a
 //! tiny random CLIP folder for tests.
 
-use crate::report::write_atomic;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig};
 use candle_transformers::models::clip::vision_model::ClipVisionConfig;
 use candle_transformers::models::clip::ClipConfig;
 use safetensors::tensor::{Dtype, TensorView};
+use selma_io::write_atomic;
 use selma_runtime::RgbImage;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

@@ -8,8 +8,8 @@ use super::stages::eval::{groups, Variant};
 use super::store::Manifest;
 use super::unit::Unit;
 use crate::eval::stats::{mean_ci95_t, mean_of_means_ci95};
+use crate::eval::Table;
 use crate::eval::{Cell, Results};
-use crate::report;
 use std::collections::BTreeMap;
 
 /// The title of the pass-rate table.
@@ -38,7 +38,7 @@ pub fn ablation_results(
     scorers: Vec<String>,
     per_variant: Vec<Cell>,
     raw: &BTreeMap<(String, String, String), Vec<f64>>,
-    pass_rates: report::Table,
+    pass_rates: Table,
 ) -> Results {
     let skills: Vec<String> = plan.skills.iter().map(|s| s.id.clone()).collect();
     let tagged = plan.loaded.cfg.run.seeds.is_some();
@@ -124,7 +124,7 @@ pub fn ablation_results(
                 row
             })
             .collect();
-        extra.push(report::Table {
+        extra.push(Table {
             title: format!(
                 "{ABLATION_TITLE} ({sc}): mean with 95% interval {}",
                 if tagged {
@@ -160,7 +160,7 @@ pub fn ablation_results(
                 ]
             })
             .collect();
-        extra.push(report::Table {
+        extra.push(Table {
             title: "Per-seed breakdown (mean and 95% interval over prompts)".into(),
             header,
             rows,
@@ -177,7 +177,7 @@ pub fn ablation_results(
 
 /// The ablation tables of a results.json as aligned text (for stdout).
 pub fn ablation_text(results: &Results) -> Option<String> {
-    let tables: Vec<&report::Table> = results
+    let tables: Vec<&Table> = results
         .extra
         .iter()
         .filter(|t| t.title.starts_with(ABLATION_TITLE) || t.title == PASS_RATES_TITLE)
@@ -205,19 +205,19 @@ pub fn results_text(results: &Results) -> Option<String> {
                 row
             })
             .collect();
-        own.push(report::Table {
+        own.push(Table {
             title: format!("Results ({scorer}: mean [95% interval])"),
             header,
             rows,
         });
     }
-    let mut tables: Vec<&report::Table> = own.iter().collect();
+    let mut tables: Vec<&Table> = own.iter().collect();
     tables.extend(results.extra.iter().filter(|t| t.title == PASS_RATES_TITLE));
     tables_text(&tables)
 }
 
 /// Plain-text tables with aligned columns.
-fn tables_text(tables: &[&report::Table]) -> Option<String> {
+fn tables_text(tables: &[&Table]) -> Option<String> {
     let mut out = String::new();
     for t in tables {
         let mut widths: Vec<usize> = t.header.iter().map(|h| h.chars().count()).collect();
@@ -245,7 +245,7 @@ fn tables_text(tables: &[&report::Table]) -> Option<String> {
 }
 
 /// Self-generation pass rates per skill (the image filters' verdicts).
-pub fn pass_rates(plan: &Plan) -> report::Table {
+pub fn pass_rates(plan: &Plan) -> Table {
     let mut header = vec![
         "skill".to_string(),
         "prompts".into(),
@@ -289,7 +289,7 @@ pub fn pass_rates(plan: &Plan) -> report::Table {
         }
         rows.push(row);
     }
-    report::Table {
+    Table {
         title: PASS_RATES_TITLE.into(),
         header,
         rows,

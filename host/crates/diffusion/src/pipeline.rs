@@ -8,12 +8,15 @@
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, HiddenLayer};
 use crate::codec::{codec_class, Vae};
 use crate::nn::merge_all_adapters;
-use crate::scheduler::{self, BatchNoise, SamplerOptions, SchedulerConfig, SchedulerKind};
+use crate::scheduler::{
+    self, BatchNoise, GaussianRng, SamplerOptions, SchedulerConfig, SchedulerKind,
+};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{SdxlAdded, UNet2DConditionModel, UNetConfig};
 use crate::vae::to_rgb8;
@@ -124,6 +127,26 @@ pub struct GenerateRequest {
     pub init: InitNoise,
     /// Seed of the fresh noise of stochastic samplers (with `InitNoise::Latents`).
     pub noise_seed: u64,
+}
+
+/// How a batch of several prompts is sampled: everything of a
+/// [`GenerateRequest`] but the prompts and the noise.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// Negative prompt of every image ("" for none).
+    pub negative: String,
+    /// Inference steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (<= 1 disables guidance).
+    pub guidance: f64,
+    /// Sampler.
+    pub scheduler: SchedulerKind,
+    /// eta / Karras overrides.
+    pub sampler: SamplerOptions,
+    /// Image width in pixels (a multiple of the codec's factor).
+    pub width: usize,
+    /// Image height in pixels (a multiple of the codec's factor).
+    pub height: usize,
 }
 
 /// A generated image, 8-bit RGB, row-major.
@@ -423,20 +446,9 @@ impl StableDiffusion {
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let f = self.vae_scale();
         ensure!(req.batch >= 1, "batch must be at least 1");
-        ensure!(
-            req.width.is_multiple_of(f)
-                && req.height.is_multiple_of(f)
-                && req.width > 0
-                && req.height > 0,
-            "image size {}x{} must be a positive multiple of {f}",
-            req.width,
-            req.height
-        );
-        let (lh, lw) = (req.height / f, req.width / f);
-        let lc = self.unet.config().in_channels;
-        let mut sched = scheduler::build(
+        let (lc, lh, lw) = self.latent_shape(req.width, req.height)?;
+        let sched = scheduler::build(
             req.scheduler,
             &self.scheduler_config,
             req.steps,
@@ -444,7 +456,6 @@ impl StableDiffusion {
         )?;
         let guided = req.guidance > 1.0;
         let cond = self.conditioning(&req.prompt, &req.negative, req.batch, guided)?;
-        let mul = if guided { 2 } else { 1 };
 
         let (noise, mut fresh) = match &req.init {
             InitNoise::Seed(seed) => {
@@ -472,14 +483,145 @@ impl StableDiffusion {
                 )
             }
         };
-        let mut latents = (noise.to_device(&self.device)? * sched.init_noise_sigma())?;
+        self.denoise(
+            sched,
+            &cond,
+            &noise,
+            &mut fresh,
+            req.guidance,
+            (req.width, req.height),
+            on_step,
+        )
+    }
+
+    /// The denoised latents `[B, C, h/f, w/f]` (f32) of several prompts in one
+    /// batch: image `k` shows `prompts[k]` from noise seeded `seeds[k]`,
+    /// exactly the noise of a single image `selma generate --seed seeds[k]`
+    /// draws, and every step runs the UNet once over the whole batch (twice
+    /// its size with classifier-free guidance, all against `s.negative`).
+    pub fn sample_prompts(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        s: &Sampling,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        ensure!(
+            prompts.len() == seeds.len(),
+            "{} prompts but {} seeds: give one seed per prompt",
+            prompts.len(),
+            seeds.len()
+        );
+        ensure!(!prompts.is_empty(), "no prompt to sample");
+        let b = prompts.len();
+        let (lc, lh, lw) = self.latent_shape(s.width, s.height)?;
+        let sched = scheduler::build(s.scheduler, &self.scheduler_config, s.steps, s.sampler)?;
+        let guided = s.guidance > 1.0;
+        let cond = self.prompts_conditioning(prompts, &s.negative, guided)?;
+        let mut noise = BatchNoise {
+            rngs: seeds.iter().map(|&x| GaussianRng::new(x)).collect(),
+        };
+        let like = Tensor::zeros((b, lc, lh, lw), DType::F32, &Device::Cpu)?;
+        let init = scheduler::NoiseSource::noise_like(&mut noise, &like)?;
+        self.denoise(
+            sched,
+            &cond,
+            &init,
+            &mut noise,
+            s.guidance,
+            (s.width, s.height),
+            on_step,
+        )
+    }
+
+    /// UNet conditioning of one image per prompt (`[uncond; cond]` when
+    /// guided, the unconditional half from `negative`); each distinct prompt
+    /// is encoded once.
+    pub fn prompts_conditioning(
+        &self,
+        prompts: &[&str],
+        negative: &str,
+        guided: bool,
+    ) -> Result<Conditioning> {
+        let mut seen: HashMap<&str, (Tensor, Option<Tensor>)> = HashMap::new();
+        let mut ctx = Vec::with_capacity(prompts.len());
+        let mut pooled = Vec::with_capacity(prompts.len());
+        for &p in prompts {
+            let (c, q) = match seen.get(p) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = self
+                        .encode_text(p)
+                        .with_context(|| format!("encoding the prompt {p:?}"))?;
+                    seen.insert(p, e.clone());
+                    e
+                }
+            };
+            ctx.push(c);
+            pooled.extend(q);
+        }
+        if guided {
+            let (uc, up) = if negative.is_empty() && self.force_zeros_for_empty_prompt {
+                (
+                    ctx[0].zeros_like()?,
+                    pooled.first().map(|t| t.zeros_like()).transpose()?,
+                )
+            } else {
+                self.encode_text(negative)?
+            };
+            let b = prompts.len();
+            ctx.splice(0..0, std::iter::repeat_n(uc, b));
+            if let Some(u) = up {
+                pooled.splice(0..0, std::iter::repeat_n(u, b));
+            }
+        }
+        let pooled = if pooled.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&pooled, 0)?)
+        };
+        Ok(Conditioning {
+            context: Tensor::cat(&ctx, 0)?,
+            pooled,
+        })
+    }
+
+    /// Latent `(channels, height, width)` of a `width x height` image.
+    fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize)> {
+        let f = self.vae_scale();
+        ensure!(
+            width.is_multiple_of(f) && height.is_multiple_of(f) && width > 0 && height > 0,
+            "image size {width}x{height} must be a positive multiple of {f}"
+        );
+        Ok((self.unet.config().in_channels, height / f, width / f))
+    }
+
+    /// The sampling loop shared by every path: scales `init` (unit noise,
+    /// f32) by the scheduler's initial sigma, then per step one UNet call
+    /// over the batch (`[uncond; cond]` when `guidance > 1`), guidance, and
+    /// the scheduler step with fresh noise from `fresh`.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise(
+        &self,
+        mut sched: Box<dyn scheduler::Scheduler>,
+        cond: &Conditioning,
+        init: &Tensor,
+        fresh: &mut BatchNoise,
+        guidance: f64,
+        (width, height): (usize, usize),
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let b = init.dim(0)?;
+        let guided = guidance > 1.0;
+        let mul = if guided { 2 } else { 1 };
+        let mut latents = (init.to_device(&self.device)? * sched.init_noise_sigma())?;
 
         let added = match &cond.pooled {
             Some(pooled) => {
-                let ids = [req.height, req.width, 0, 0, req.height, req.width].map(|v| v as f32);
+                let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
                 let time_ids = Tensor::new(&ids, &self.device)?
                     .unsqueeze(0)?
-                    .repeat((req.batch * mul, 1))?;
+                    .repeat((b * mul, 1))?;
                 Some(SdxlAdded {
                     text_embeds: pooled.clone(),
                     time_ids,
@@ -496,23 +638,19 @@ impl StableDiffusion {
             } else {
                 x
             };
-            let ts = Tensor::from_vec(
-                vec![t as f32; req.batch * mul],
-                req.batch * mul,
-                &self.device,
-            )?;
+            let ts = Tensor::from_vec(vec![t as f32; b * mul], b * mul, &self.device)?;
             let out = self
                 .unet
                 .forward(&x.to_dtype(self.dtype)?, &ts, &cond.context, added.as_ref())?
                 .to_dtype(DType::F32)?;
             let pred = if guided {
-                let u = out.narrow(0, 0, req.batch)?;
-                let c = out.narrow(0, req.batch, req.batch)?;
-                (&u + ((c - &u)? * req.guidance)?)?
+                let u = out.narrow(0, 0, b)?;
+                let c = out.narrow(0, b, b)?;
+                (&u + ((c - &u)? * guidance)?)?
             } else {
                 out
             };
-            latents = sched.step(&pred, i, &latents, &mut fresh)?;
+            latents = sched.step(&pred, i, &latents, fresh)?;
             on_step(i + 1, n);
         }
         Ok(latents)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use selma_diffusion::init::{clip_param_shapes, init_model, unet_param_shapes, Preset};
-use selma_diffusion::pipeline::{GenerateRequest, InitNoise, StableDiffusion};
+use selma_diffusion::pipeline::{GenerateRequest, InitNoise, Sampling, StableDiffusion};
 use selma_diffusion::scheduler::{GaussianRng, SamplerOptions, SchedulerKind};
 
 fn fixture(model: &str, part: &str) -> PathBuf {
@@ -245,6 +245,66 @@ fn tiny_model_loads_and_samples_reproducibly() {
     assert!(format!("{e:#}").contains("[1, 4, 8, 8]"), "{e:#}");
 }
 
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The [`Sampling`] of `request(..)` with another negative prompt.
+fn sampling(kind: SchedulerKind, negative: &str) -> Sampling {
+    let r = request(InitNoise::Seed(0), 1, kind);
+    Sampling {
+        negative: negative.into(),
+        steps: r.steps,
+        guidance: r.guidance,
+        scheduler: kind,
+        sampler: r.sampler,
+        width: r.width,
+        height: r.height,
+    }
+}
+
+#[test]
+fn several_prompts_in_one_batch_match_one_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd = StableDiffusion::load(&tiny(tmp.path(), 3), &Device::Cpu, DType::F32).unwrap();
+    let prompts = ["a red cube on a blue table", "two green spheres"];
+    for kind in [SchedulerKind::Ddim, SchedulerKind::EulerAncestral] {
+        let s = sampling(kind, "blurry");
+        let mut steps = 0;
+        let many = sd
+            .sample_prompts(&prompts, &[5, 9], &s, &mut |_, _| steps += 1)
+            .unwrap();
+        assert_eq!(many.dims(), &[2, 4, 8, 8]);
+        assert_eq!(steps, 3);
+        for (k, (p, seed)) in prompts.iter().zip([5, 9]).enumerate() {
+            let mut req = request(InitNoise::Seed(seed), 1, kind);
+            req.prompt = p.to_string();
+            let one = sd.sample_latents(&req, &mut |_, _| {}).unwrap();
+            let d = max_diff(&many.narrow(0, k, 1).unwrap(), &one);
+            assert!(d < 1e-4, "{kind} image {k}: {d}");
+        }
+        // one prompt under seeds s, s + 1 is exactly a batch seeded s
+        let twice = sd
+            .sample_prompts(&[prompts[0]; 2], &[5, 6], &s, &mut |_, _| {})
+            .unwrap();
+        let batch = sd
+            .sample_latents(&request(InitNoise::Seed(5), 2, kind), &mut |_, _| {})
+            .unwrap();
+        assert_eq!(max_diff(&twice, &batch), 0.0, "{kind}");
+    }
+    let e = sd
+        .sample_prompts(&prompts, &[1], &sampling(SchedulerKind::Ddim, ""), &mut |_, _| {})
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("one seed per prompt"), "{e:#}");
+}
+
 #[test]
 fn tiny_xl_model_loads_and_samples_reproducibly() {
     use selma_diffusion::pipeline::Family;
@@ -278,6 +338,22 @@ fn tiny_xl_model_loads_and_samples_reproducibly() {
         .to_scalar::<f32>()
         .unwrap();
     assert_eq!(zero, 0.0, "force_zeros_for_empty_prompt");
+    // several prompts in one batch carry their own pooled embeds
+    let many = sd
+        .sample_prompts(
+            &["a cube", "a ball"],
+            &[1, 2],
+            &sampling(SchedulerKind::Euler, ""),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    for (k, (p, seed)) in [("a cube", 1), ("a ball", 2)].into_iter().enumerate() {
+        req.prompt = p.into();
+        req.init = InitNoise::Seed(seed);
+        let one = sd.sample_latents(&req, &mut |_, _| {}).unwrap();
+        let d = max_diff(&many.narrow(0, k, 1).unwrap(), &one);
+        assert!(d < 1e-4, "xl image {k}: {d}");
+    }
 }
 
 #[test]

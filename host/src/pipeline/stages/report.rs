@@ -4,11 +4,11 @@
 //! (tables, image grids of the first seed, loss curves, the config).
 
 use super::eval::{eval_image_dir, noise_base, prompts_with_seeds, variants, Variant};
+use crate::eval::report;
 use crate::eval::Results;
 use crate::pipeline::driver::{Claim, Counts, Driver, Gate};
 use crate::pipeline::store::hash_file;
 use crate::pipeline::unit::Unit;
-use crate::report;
 use anyhow::Result;
 use serde_json::json;
 

@@ -1,10 +1,10 @@
 //! Self-generated training data for ShapeWorld experiments: a model renders
-//! a prompt list in batches (the `sampler`), the verifier judges each
+//! a prompt list in batches (the `render`er), the verifier judges each
 //! image, and the images go into a dataset folder (`NNNNN.png` +
 //! `metadata.jsonl` with `file_name`, `text`, `seed`, `score`, `keep`) that
 //! `selma train --data` reads; optionally only the images that pass.
 
-use super::sampler::{Renderer, SampleSettings};
+use super::render::{Renderer, SampleSettings};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
 use selma_diffusion::pipeline::StableDiffusion;
@@ -112,7 +112,7 @@ pub fn self_generate(
         }
         progress((c * batch + chunk.len()).min(prompts.len()), prompts.len());
     }
-    crate::report::write_atomic(&out.join("metadata.jsonl"), text.as_bytes())?;
+    selma_io::write_atomic(&out.join("metadata.jsonl"), text.as_bytes())?;
     Ok(SelfGenSummary {
         rendered: prompts.len(),
         passed,

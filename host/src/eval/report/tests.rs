@@ -2,7 +2,7 @@
 
 use super::html::{base64, esc, sniff_mime};
 use super::*;
-use crate::eval::{Cell, Results};
+use crate::eval::results::{Cell, Results, Table};
 
 fn cell(variant: &str, skill: &str, scorer: &str, mean: f64) -> Cell {
     Cell {

@@ -2,8 +2,8 @@
 //! table, image grids and inline SVG loss plots. No JavaScript libraries and
 //! no external resources (a Content-Security-Policy forbids them).
 
-use super::{Grid, LossCurve, ReportInput, Table};
-use crate::eval::Results;
+use super::{Grid, LossCurve, ReportInput};
+use crate::eval::results::{Cell, Results, Table};
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -162,7 +162,7 @@ fn results_table(out: &mut String, r: &Results) {
             .variants
             .iter()
             .map(|v| {
-                let ms: Vec<&crate::eval::Cell> = r
+                let ms: Vec<&Cell> = r
                     .skills
                     .iter()
                     .filter_map(|s| r.cell(v, s, scorer))

@@ -1,27 +1,14 @@
 //! The run report: one self-contained `report.html` (results table with the
 //! best value per column marked, extra tables, per-skill image grids with
 //! images inlined as `data:` URIs, training loss curves as inline SVG, the
-//! config), written atomically; also the loss-log reader and the atomic
-//! file writer that eval shares.
+//! config), written atomically through `selma_io`; also the loss-log
+//! reader. It reads `results`; nothing in `eval` below it imports it.
 
 mod html;
 
-use crate::eval;
+use super::results::Results;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// An extra named table of the report (and of results.json).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Table {
-    /// Heading above the table.
-    pub title: String,
-    /// Column names.
-    pub header: Vec<String>,
-    /// Rows of cells.
-    pub rows: Vec<Vec<String>>,
-}
 
 /// One row of an image grid: the same prompt and seed across variants.
 pub struct GridRow {
@@ -54,7 +41,7 @@ pub struct ReportInput {
     /// Page title.
     pub title: String,
     /// The results table (and extra tables).
-    pub results: eval::Results,
+    pub results: Results,
     /// Per-skill image grids.
     pub grids: Vec<Grid>,
     /// Training loss curves.
@@ -70,41 +57,10 @@ pub fn render(input: &ReportInput) -> Result<String> {
     html::render(input)
 }
 
-/// render + write atomically (temp file + rename).
+/// render + write atomically (through `selma_io`).
 pub fn write(path: &Path, input: &ReportInput) -> Result<()> {
     let html = render(input)?;
-    write_atomic(path, html.as_bytes())
-}
-
-/// Writes `bytes` to a temporary file next to `path`, syncs it and renames
-/// it over `path`: readers see the old file or the complete new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(d) = dir {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let tmp_name = format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id());
-    let tmp = match dir {
-        Some(d) => d.join(tmp_name),
-        None => PathBuf::from(tmp_name),
-    };
-    let res = (|| -> Result<()> {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    selma_io::write_atomic(path, html.as_bytes())
 }
 
 /// Reads a training loss log (`loss.jsonl`, one {"step","loss",..} object per line).

@@ -5,7 +5,7 @@
 //! number of objects, and each LoRA's paired change against the base.
 
 use super::paired::{paired_diff, PairedDiff};
-use super::sampler::{Renderer, SampleSettings};
+use super::render::{Renderer, SampleSettings};
 use crate::eval::stats::mean_ci95;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
@@ -666,7 +666,7 @@ impl EvalReport {
     /// Write the JSON atomically (temporary sibling + rename).
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        crate::report::write_atomic(path, text.as_bytes())
+        selma_io::write_atomic(path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))
     }
 
