@@ -12,9 +12,8 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use selma_diffusion::pipeline::parse_device;
 use selma_diffusion::scheduler::SchedulerKind;
-use selma_shapeworld::{
-    sample_caption, write_dataset, DatasetOptions, Form, Mix, SampleOptions, SplitMix64,
-};
+use selma_rng::SplitMix64;
+use selma_shapeworld::{sample_caption, write_dataset, DatasetOptions, Form, Mix, SampleOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;

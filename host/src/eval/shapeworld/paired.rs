@@ -3,7 +3,7 @@
 //! (prompts are the clusters; fixed seed) and the exact McNemar test on the
 //! discordant pairs.
 
-use selma_shapeworld::SplitMix64;
+use selma_rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 /// Two-sided exact McNemar p-value: `b` pairs only the first variant passed,

@@ -54,8 +54,13 @@ pub fn pool(plan: &Plan, r: &ReplaySection) -> Result<Pool> {
             Ok(Pool { dir, reach, id })
         }
         (None, Some(n)) => {
+            // `sampler`: the scene sampler's bounded draws became selma-rng's
+            // (rejection, then modulo; they were multiply-shift), which
+            // changed the scenes of every seed: pools of the old sampler are
+            // not reused, and the adapters trained on them are redone.
             let id = hash_json(&json!({
                 "shapeworld": n, "mix": r.mix, "number_word_keep": r.number_word_keep, "seed": r.seed,
+                "sampler": "selma-rng",
             }));
             let name = format!("shapeworld-{}", &id[..12]);
             let dir = plan.dir.root.join("replay").join(&name);
@@ -123,20 +128,7 @@ pub fn mix_rows(
     seed: u64,
 ) -> Vec<serde_json::Value> {
     let n = (k as f64 * share / (1.0 - share)).round() as usize;
-    let mut order: Vec<usize> = (0..pool.len()).collect();
-    let mut rng = selma_shapeworld::SplitMix64::new(seed);
-    let mut below = |n: u64| {
-        let zone = (u64::MAX / n) * n;
-        loop {
-            let x = rng.next_u64();
-            if x < zone {
-                return x % n;
-            }
-        }
-    };
-    for i in (1..order.len()).rev() {
-        order.swap(i, below(i as u64 + 1) as usize);
-    }
+    let order = selma_rng::permutation(pool.len(), &mut selma_rng::SplitMix64::new(seed));
     (0..n)
         .map(|i| pool[order[i % pool.len()]].clone())
         .collect()
