@@ -3,7 +3,7 @@
 //! values come from independent computations in this file (plain loops over
 //! the experts' factors, or hand-computed cases), not from the code under test.
 
-mod support;
+use crate::support;
 
 use candle_core::{Device, Tensor};
 use selma_lora::rng::SplitMix64;

@@ -4,7 +4,7 @@
 //! http(s). Needs `/usr/bin/chromium` (`apt-get install -y chromium`; `.ci/run`
 //! installs it): without it the test fails and says so.
 
-mod support;
+use crate::support;
 
 use selma::eval::report::{self, Grid, GridRow, LossCurve, ReportInput};
 use selma::eval::{Cell, Results, Table};

@@ -5,7 +5,7 @@
 //! same merged LoRA and results as an uninterrupted run; two shards then a
 //! plain run giving the same result; bad configs failing before any work.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -8,7 +8,7 @@
 //! evaluation at least: the short stages are often over before a worker's
 //! start-up ends).
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -17,7 +17,7 @@
 //! (`@seed3`), the filter ablation (`/unfiltered`), the joint adapter, a
 //! merge and a `[train.replay]` ShapeWorld pool.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 //! safetensors file parses), and a re-run with space finishes with the
 //! outputs of a run that never ran out.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

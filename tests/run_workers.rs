@@ -4,7 +4,7 @@
 //! dead worker is taken over, and a live one is waited for or, with
 //! `--no-wait`, left and named.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

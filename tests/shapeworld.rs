@@ -4,7 +4,7 @@
 //! verifier only sees pixels and caption text; the ground truth of every
 //! (mutated) caption comes from the scene model in metadata.jsonl.
 
-mod support;
+use crate::support;
 
 use selma_runtime::{ImageFilterPlugin, RgbImage, Runtime, RuntimeConfig};
 use selma_shapeworld::{read_png, Caption, Color, Form, MetaLine, Relation, Shape};

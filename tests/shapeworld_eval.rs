@@ -7,7 +7,7 @@
 //! while a non-zero LoRA changes the images; the tables agree with the
 //! per-image verdicts.
 
-mod support;
+use crate::support;
 
 use candle_core::{Device, Tensor};
 use selma::eval::shapeworld::accuracy::EvalReport;

@@ -7,7 +7,7 @@
 //! means, pass rates in [0,1], counts add up), the per-seed breakdown, the
 //! table on stdout, report.html; and that examples/shapeworld.toml validates.
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 

@@ -22,7 +22,7 @@ pub fn dump_dom(page: &Path) -> String {
     assert!(
         bin.is_file(),
         "{} is missing: install Debian's chromium (`apt-get install -y chromium`) to run \
-         the report test; .ci/run installs it",
+         the report test; scripts/test.sh installs it",
         bin.display()
     );
     let profile = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@
 //! and the written diffusers folder loads and renders like the trainer's
 //! output weights.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

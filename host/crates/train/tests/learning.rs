@@ -13,7 +13,7 @@
 //! by 20% (the move is caption-specific, not a blur toward both), and a
 //! fixed validation loss (same noise and timesteps) at most 0.9x.
 
-mod common;
+use crate::common;
 
 use selma_diffusion::pipeline::{GenerateRequest, InitNoise, StableDiffusion};
 use selma_diffusion::scheduler::{SamplerOptions, SchedulerKind};

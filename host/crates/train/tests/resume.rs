@@ -2,7 +2,7 @@
 //! (LoRA weights, AdamW moments, RNG and data order bit-identical on CPU);
 //! checkpoints are atomic and the output LoRA loads back.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -2,7 +2,7 @@
 //! loaded back into a fresh model as runtime adapters, renders the same
 //! image bytes as the in-memory adapters; the LoRA visibly changes the image.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use selma_diffusion::nn::Adaptable;

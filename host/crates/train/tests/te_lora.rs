@@ -4,7 +4,7 @@
 //! renders, through `attach_lora`, exactly like the trainer's output weights,
 //! and an interrupted run resumes bit-identically.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use selma_diffusion::pipeline::StableDiffusion;

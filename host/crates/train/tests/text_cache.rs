@@ -4,7 +4,7 @@
 //! in-graph encoding equals the pipeline's per-caption encoding; caption
 //! dropout trains on the empty caption.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -1,39 +1,17 @@
-//! End-to-end tests of the plugin runtime: the bundled plugins through the
-//! real `selma` binary, and hostile test plugins (tests/plugins/hostile-*,
+//! The sandbox, end to end: hostile test plugins (tests/plugins/hostile-*,
 //! built here from the SDK for wasm32-wasip2) that loop, exhaust memory,
 //! panic or return huge values. Each must be stopped with an error naming
 //! it, the same process must keep working, and the hostile instance must
-//! work again after re-instantiation.
+//! work again after re-instantiation. Also kind and parameter checks, the
+//! on-disk component cache and the log, random and llm imports.
 
-mod support;
+use crate::support::shared::{assert_good_plugin_works, small_runtime};
+use crate::support::test_plugin;
 
-use support::{root, test_plugin};
-
-use selma_runtime::{ExpertLayer, MergedLayer, RgbImage, Runtime, RuntimeConfig};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use selma_runtime::{ExpertLayer, MergedLayer, Runtime, RuntimeConfig};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// The real binary, with its component cache inside target/.
-fn selma() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_selma"));
-    c.env("SELMA_CACHE_DIR", root().join("target/selma-test-cache"));
-    c
-}
-
-/// A runtime with small limits and its own cache folder.
-fn small_runtime(cache: &Path) -> Runtime {
-    Runtime::new(RuntimeConfig {
-        memory_limit: 64 << 20,
-        call_timeout: Duration::from_secs(1),
-        max_output_bytes: 1 << 20,
-        cache_dir: Some(cache.to_path_buf()),
-        log_to_stderr: false,
-        ..RuntimeConfig::default()
-    })
-    .unwrap()
-}
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
@@ -49,129 +27,6 @@ fn assert_filter_works(p: &mut selma_runtime::PromptFilterPlugin) {
     let keep: Vec<bool> = v.iter().map(|v| v.keep).collect();
     assert_eq!(keep, [true, false, true]);
     assert_eq!(v[1].reason.as_deref(), Some("odd"));
-}
-
-/// The bundled `linear` merge on case A of notes/merge-cases.md: the
-/// product of the returned factors is the weighted sum of deltas.
-fn assert_good_plugin_works(rt: &Runtime) {
-    use candle_core::{Device, Tensor};
-    let dev = Device::Cpu;
-    let t = |v: &[f32], s: (usize, usize)| Tensor::from_slice(v, s, &dev).unwrap();
-    let experts = [
-        ExpertLayer {
-            up: t(&[1., 2.], (2, 1)),
-            down: t(&[1., -1.], (1, 2)),
-            scale: 2.0,
-            weight: 0.5,
-        },
-        ExpertLayer {
-            up: t(&[1., -1.], (2, 1)),
-            down: t(&[3., 1.], (1, 2)),
-            scale: 1.0,
-            weight: 0.5,
-        },
-    ];
-    let mut m = rt.merge_strategy("linear").expect("bundled linear merge");
-    let params = m.default_params();
-    let delta = match m
-        .merge_layer("unet.x.to_q", &experts, None, &params)
-        .unwrap()
-    {
-        MergedLayer::Factors { up, down } => up.matmul(&down).unwrap(),
-        MergedLayer::Delta(d) => d,
-    };
-    let got: Vec<Vec<f32>> = delta.to_vec2().unwrap();
-    let want = [[2.5f32, -0.5], [0.5, -2.5]];
-    for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-        assert!(
-            (g - w).abs() < 1e-5,
-            "linear merge gave {got:?}, want {want:?}"
-        );
-    }
-}
-
-#[test]
-fn bundled_plugins_load_and_list_by_kind() {
-    let out = selma()
-        .args(["plugins", "list", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let list = list.as_array().expect("a JSON array");
-    let count = |k: &str| list.iter().filter(|m| m["kind"] == k).count();
-    assert_eq!(count("skill"), 9, "{list:#?}");
-    assert_eq!(count("prompt-generator"), 2, "{list:#?}");
-    assert_eq!(count("prompt-filter"), 3, "{list:#?}");
-    assert_eq!(count("image-filter"), 2, "{list:#?}");
-    assert_eq!(count("merge-strategy"), 6, "{list:#?}");
-    for m in list {
-        assert!(m["name"].as_str().is_some_and(|n| !n.is_empty()), "{m}");
-        assert!(m["version"].as_str().is_some_and(|v| !v.is_empty()), "{m}");
-        assert!(
-            m["description"].as_str().is_some_and(|d| !d.is_empty()),
-            "{m}"
-        );
-    }
-
-    // Every bundled plugin loads through the library as its own kind and
-    // answers metadata whose name is its registry name.
-    let cache = tempfile::tempdir().unwrap();
-    let rt = small_runtime(cache.path());
-    assert_eq!(rt.bundled_names().len(), list.len());
-    for name in rt.bundled_names() {
-        let meta = rt.inspect(name).unwrap();
-        assert_eq!(meta.name, name);
-        assert_eq!(rt.kind_of(name).unwrap(), meta.kind);
-    }
-    let mut skill = rt.skill("counting").unwrap();
-    let info = skill.info().unwrap();
-    assert!(info.seeds.len() >= 3);
-    assert_good_plugin_works(&rt);
-
-    // The image filter sees host images through the `image` resource: a
-    // constant grey image is degenerate, uniform noise is not.
-    let mut f = rt.image_filter("degenerate").unwrap();
-    let params = f.default_params();
-    let (w, h) = (64u32, 48u32);
-    let flat = RgbImage {
-        width: w,
-        height: h,
-        pixels: vec![128; (w * h * 3) as usize],
-        non_finite: 0.0,
-    };
-    assert!(!f.check(&flat, "a grey wall", &params).unwrap().keep);
-    let mut state = 12345u32;
-    let noise: Vec<u8> = (0..w * h * 3)
-        .map(|_| {
-            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-            (state >> 24) as u8
-        })
-        .collect();
-    let noisy = RgbImage {
-        width: w,
-        height: h,
-        pixels: noise,
-        non_finite: 0.0,
-    };
-    let v = f.check(&noisy, "static", &params).unwrap();
-    assert!(v.keep && (0.0..=1.0).contains(&v.score), "{v:?}");
-    let broken = RgbImage {
-        non_finite: 0.5,
-        ..noisy
-    };
-    assert!(!f.check(&broken, "static", &params).unwrap().keep);
-
-    // The text table shows the same plugins.
-    let out = selma().args(["plugins", "list"]).output().unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    for m in list {
-        assert!(text.contains(m["name"].as_str().unwrap()), "{text}");
-    }
 }
 
 #[test]
@@ -374,34 +229,6 @@ fn tensor_import_copies_are_capped_and_bad_tensors_are_refused() {
 }
 
 #[test]
-fn non_component_files_are_refused_naming_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = dir.path().join("notes.wasm");
-    std::fs::write(&text, "this is not wasm").unwrap();
-    let core = dir.path().join("core.wasm");
-    std::fs::write(&core, b"\0asm\x01\x00\x00\x00").unwrap();
-    let rt = small_runtime(dir.path());
-    for (file, what) in [
-        (&text, "not a WebAssembly component"),
-        (&core, "core WebAssembly module"),
-    ] {
-        let spec = file.to_str().unwrap();
-        let err = format!("{:#}", rt.merge_strategy(spec).err().expect("must fail"));
-        assert!(err.contains(spec) && err.contains(what), "{err}");
-        // And through the CLI.
-        let out = selma().args(["plugins", "inspect", spec]).output().unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(spec) && stderr.contains(what), "{stderr}");
-    }
-    let err = format!("{:#}", rt.skill("no-such-plugin").err().unwrap());
-    assert!(
-        err.contains("no bundled plugin named \"no-such-plugin\""),
-        "{err}"
-    );
-}
-
-#[test]
 fn wrong_kind_and_bad_params_are_refused_before_any_call() {
     let wasm = test_plugin("hostile-panic");
     let cache = tempfile::tempdir().unwrap();
@@ -543,54 +370,4 @@ fn imports_log_random_and_llm_follow_seed_and_grants() {
         "{:?}",
         seen[0]
     );
-}
-
-#[test]
-fn scaffolded_plugins_build_and_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let rt = small_runtime(cache.path());
-    for kind in ["merge-strategy", "prompt-filter"] {
-        let name = format!("my-{kind}");
-        let crate_dir = dir.path().join(&name);
-        let out = selma()
-            .args(["plugins", "new", kind, &name, "--dir"])
-            .arg(&crate_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(crate_dir.join("README.md").is_file());
-        let build = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--manifest-path",
-            ])
-            .arg(crate_dir.join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(root().join("target/wasm-test-plugins"))
-            .env_remove("CARGO_TARGET_DIR")
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("CARGO_MAKEFLAGS")
-            .output()
-            .unwrap();
-        assert!(
-            build.status.success(),
-            "{}",
-            String::from_utf8_lossy(&build.stderr)
-        );
-        let wasm = root()
-            .join("target/wasm-test-plugins/wasm32-wasip2/release")
-            .join(format!("{}.wasm", name.replace('-', "_")));
-        let meta = rt.inspect(wasm.to_str().unwrap()).unwrap();
-        assert_eq!(meta.name, name);
-        assert_eq!(meta.kind.as_str(), kind);
-    }
 }

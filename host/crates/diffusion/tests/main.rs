@@ -1,0 +1,35 @@
+//! The integration tests of selma-diffusion, as one test binary: every file in
+//! this folder is a module of it (`autotests = false` in Cargo.toml), so the
+//! heavy dependencies are linked once rather than once per file.
+
+mod clip;
+mod loader_coverage_text;
+mod nn;
+mod pipeline;
+mod scheduler;
+mod shapeworld;
+mod unet;
+mod vae;
+
+/// With `autotests = false` a test file not declared above would never run.
+#[test]
+fn every_test_file_is_declared() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let main = include_str!("main.rs");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let module = if path.is_dir() {
+            path.join("mod.rs").is_file()
+        } else {
+            path.extension().is_some_and(|e| e == "rs") && name != "main"
+        };
+        if module {
+            assert!(
+                main.contains(&format!("\nmod {name};")),
+                "{} is not declared in main.rs, so its tests never run",
+                path.display()
+            );
+        }
+    }
+}
