@@ -37,17 +37,22 @@ pub fn frozen_fast_path() -> bool {
 pub(crate) fn wanted(x: &Tensor, w: &Tensor) -> bool {
     frozen_fast_path() && x.track_op() && !w.track_op()
 }
+
 /// Which product a [`FrozenProduct`] re-attaches (its backward).
 #[derive(Debug, Clone)]
 pub(crate) enum Kind {
+    /// `x · wᵀ`.
     Linear,
+    /// `conv2d(x, w; padding, stride)`.
     Conv2d { padding: usize, stride: usize },
 }
 
 /// Forward: returns its second operand (the product computed off-graph).
 /// Backward: the gradient of the first operand (the layer input) only.
 pub(crate) struct FrozenProduct {
+    /// The frozen weight (for the input gradient).
     pub(crate) weight: Tensor,
+    /// Which product it is.
     pub(crate) kind: Kind,
 }
 
