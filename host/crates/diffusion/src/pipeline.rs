@@ -11,7 +11,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::clip::{ClipTextConfig, ClipTextModel, HiddenLayer};
+use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::codec::{codec_class, Vae};
 use crate::nn::merge_all_adapters;
 use crate::scheduler::{
@@ -360,33 +360,10 @@ impl StableDiffusion {
         Ok(())
     }
 
-    fn ids(&self, tok: &ClipTokenizer, text: &str) -> Result<Tensor> {
-        let ids = tok.encode_padded(text)?;
-        let n = ids.len();
-        Ok(Tensor::from_vec(ids, (1, n), &self.device)?)
-    }
-
-    /// Text embeddings of one prompt: `(context [1, L, D], pooled [1, P])`.
+    /// Text embeddings of one prompt: `(context [1, L, D], pooled [1, P])`
+    /// ([`StableDiffusion::encode_text_batch`] of one caption).
     pub fn encode_text(&self, text: &str) -> Result<(Tensor, Option<Tensor>)> {
-        match (&self.text_encoder_2, &self.tokenizer_2) {
-            (Some(te2), Some(tok2)) => {
-                let o1 = self
-                    .text_encoder
-                    .forward(&self.ids(&self.tokenizer, text)?, HiddenLayer::PENULTIMATE)?;
-                let o2 = te2.forward(&self.ids(tok2, text)?, HiddenLayer::PENULTIMATE)?;
-                let ctx = Tensor::cat(&[&o1.hidden, &o2.hidden.to_dtype(o1.hidden.dtype())?], 2)?;
-                let pooled = o2
-                    .text_embeds
-                    .context("text_encoder_2 has no text_projection (SDXL needs one)")?;
-                Ok((ctx, Some(pooled)))
-            }
-            _ => {
-                let o = self
-                    .text_encoder
-                    .forward(&self.ids(&self.tokenizer, text)?, HiddenLayer::Last)?;
-                Ok((o.hidden, None))
-            }
-        }
+        self.encode_text_batch(&[text])
     }
 
     /// UNet conditioning for `batch` images: `[uncond; cond]` when guided.
