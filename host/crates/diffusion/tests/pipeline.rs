@@ -300,7 +300,12 @@ fn several_prompts_in_one_batch_match_one_at_a_time() {
         assert_eq!(max_diff(&twice, &batch), 0.0, "{kind}");
     }
     let e = sd
-        .sample_prompts(&prompts, &[1], &sampling(SchedulerKind::Ddim, ""), &mut |_, _| {})
+        .sample_prompts(
+            &prompts,
+            &[1],
+            &sampling(SchedulerKind::Ddim, ""),
+            &mut |_, _| {},
+        )
         .unwrap_err();
     assert!(format!("{e:#}").contains("one seed per prompt"), "{e:#}");
 }
