@@ -5,9 +5,15 @@
 # measure the verifier's pass rate per skill on the fixed prompt sets in
 # models/shapeworld-base/eval/ on the f16 copy that is shipped.
 #
-# Usage: scripts/train-shapeworld-base.sh [WORK_DIR]   (default runs/shapeworld-base)
+# Usage: scripts/train-shapeworld-base.sh [WORK_DIR]   (default runs/shapeworld-base,
+#        runs/shapeworld-base-v2 for world v2)
+#   WORLD=v1|v2  whose pretraining captions (default v1, the shipped
+#                models/shapeworld-base; v2: alt-text captions that leave out
+#                objects, colours, numbers and relations, see
+#                `selma shapeworld render --help`)
 #   STEPS=N   optimizer updates (default 4000, the shipped model)
 #   RESUME=1  continue WORK_DIR/base.run from its newest checkpoint
+#   SELMA=BIN use this selma binary instead of building one
 #
 # The recipe (SHAPEWORLD.md): pixel-unshuffle codec, v-prediction on the
 # cosine schedule, AdamW lr 1e-3 with warm-up, gradient clip 1.0, caption
@@ -23,19 +29,26 @@
 # bits (float summation order differs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORK=${1:-runs/shapeworld-base}
+WORLD=${WORLD:-v1}
+case "$WORLD" in
+  v1) WORK=${1:-runs/shapeworld-base}; CAPTIONS=(--number-word-keep 0.1) ;;
+  v2) WORK=${1:-runs/shapeworld-base-v2}; CAPTIONS=() ;;
+  *) echo "error: WORLD must be v1 or v2, got $WORLD" >&2; exit 2 ;;
+esac
 STEPS=${STEPS:-4000}
 SEED=0
 DATA_SEED=1
 
-cargo build --release -q -p selma
-SELMA=$PWD/target/release/selma
+if [ -z "${SELMA:-}" ]; then
+  cargo build --release -q -p selma
+  SELMA=$PWD/target/release/selma
+fi
 mkdir -p "$WORK"
 
 if [ ! -f "$WORK/data/metadata.jsonl" ]; then
-  echo "== rendering 100000 scenes (seed $DATA_SEED)"
+  echo "== rendering 100000 scenes (world $WORLD, seed $DATA_SEED)"
   "$SELMA" shapeworld render --count 100000 --seed "$DATA_SEED" --out "$WORK/data" \
-    --mix single=0.2,count=0.4,binding=0.2,spatial=0.2 --number-word-keep 0.1
+    --world "$WORLD" --mix single=0.2,count=0.4,binding=0.2,spatial=0.2 "${CAPTIONS[@]}"
 fi
 if [ ! -f "$WORK/init/model_index.json" ]; then
   echo "== random shapeworld architecture (seed $SEED)"

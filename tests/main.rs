@@ -13,6 +13,7 @@ mod run;
 mod run_chaos;
 mod run_compat;
 mod run_disk;
+mod run_dpo;
 mod run_workers;
 mod shapeworld;
 mod shapeworld_eval;

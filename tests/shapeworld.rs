@@ -395,6 +395,77 @@ fn render_is_reproducible_and_follows_the_options() {
     assert!(!out.status.success() && err.contains("cubes"), "{err}");
 }
 
+/// World v2 (`--world v2`): the same scenes as v1, captioned in alt-text
+/// style; every scene's detailed caption is in metadata.jsonl, the verifier
+/// accepts it on every rendered image, and the alt-text caption (which
+/// leaves things out) is what the model trains on.
+#[test]
+fn world_v2_renders_v1_scenes_with_alt_text_captions_the_verifier_agrees_with() {
+    let d = tempfile::tempdir().unwrap();
+    let (v1, v2) = (d.path().join("v1"), d.path().join("v2"));
+    render(&v1, 1200, 31, &["--number-word-keep", "1"]);
+    let msg = render(&v2, 1200, 31, &["--world", "v2"]);
+    assert!(msg.contains("wrote 1200 scenes"), "{msg}");
+    let (a, b) = (read_meta(&v1), read_meta(&v2));
+    let (_rt, mut f) = verifier();
+    let params = f.default_params();
+    let (mut rejected, mut said_all) = (vec![], 0);
+    for (l1, l2) in a.iter().zip(&b) {
+        assert_eq!(l1.scene, l2.scene, "{}", l2.file_name);
+        assert_eq!(l1.skill, l2.skill);
+        assert_eq!(l1.detailed, None, "v1 captions are the grammar's");
+        let detailed = l2
+            .detailed
+            .as_deref()
+            .expect("v2 lines hold the detailed caption");
+        assert_eq!(
+            detailed, l1.text,
+            "the detailed caption is v1's full caption"
+        );
+        assert_eq!(
+            std::fs::read(v1.join(&l1.file_name)).unwrap(),
+            std::fs::read(v2.join(&l2.file_name)).unwrap()
+        );
+        let v = f.check(&image(&v2, l2), detailed, &params).unwrap();
+        if !v.keep {
+            rejected.push(format!("{} \"{detailed}\": {:?}", l2.file_name, v.reason));
+        }
+        said_all += usize::from(l2.text == detailed);
+    }
+    assert!(rejected.is_empty(), "verifier disagrees: {rejected:?}");
+    // Alt-text leaves things out: most captions are not the detailed one.
+    let share = said_all as f64 / b.len() as f64;
+    println!(
+        "v2: {said_all}/{} alt-text captions state the whole scene",
+        b.len()
+    );
+    assert!((0.05..0.35).contains(&share), "{share}");
+
+    // Knobs of the other world are errors that say which world has them.
+    for (args, want) in [
+        (
+            &["--world", "v2", "--number-word-keep", "0.5"][..],
+            "--alt-text number",
+        ),
+        (&["--alt-text", "color=0.5"][..], "--world v2"),
+        (&["--world", "v2", "--alt-text", "colour=0.5"][..], "colour"),
+        (&["--world", "v2", "--alt-text", "number=2"][..], "number"),
+        (&["--world", "v3"][..], "v3"),
+    ] {
+        let out = selma()
+            .args(["shapeworld", "render", "--count", "3", "--out"])
+            .arg(d.path().join("bad"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn prompts_are_seeded_captions_of_one_form() {
     let draw = |skill: &str, seed: &str| {

@@ -7,28 +7,7 @@
 //! means, pass rates in [0,1], counts add up), the per-seed breakdown, the
 //! table on stdout, report.html; and that examples/shapeworld.toml validates.
 
-use crate::support;
-
-use std::process::{Command, Output};
-
-fn selma() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_selma"));
-    c.env(
-        "SELMA_CACHE_DIR",
-        support::root().join("target/selma-test-cache"),
-    );
-    c
-}
-
-fn ok(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "selma failed\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use crate::support::{self, ok, selma};
 
 const SKILLS: [&str; 2] = ["sw-counting", "sw-single"];
 const SEEDS: [u64; 2] = [3, 5];

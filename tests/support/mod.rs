@@ -25,3 +25,22 @@ pub fn test_plugin(name: &str) -> PathBuf {
         &root().join("target/wasm-test-plugins"),
     )
 }
+
+/// The real `selma` binary, with its component cache inside target/.
+pub fn selma() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_selma"));
+    c.env("SELMA_CACHE_DIR", root().join("target/selma-test-cache"));
+    c
+}
+
+/// `out`, after asserting that the command succeeded (else its stdout and
+/// stderr in the failure).
+pub fn ok(out: std::process::Output) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "selma failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -87,6 +87,26 @@ pub struct TrainArgs {
     /// Noise offset (e.g. 0.05).
     #[arg(long)]
     pub noise_offset: Option<f64>,
+    /// What the update minimises: sft (the diffusion loss on image-caption
+    /// pairs) or dpo (Diffusion-DPO on DATA/pairs.jsonl, lines of {"text",
+    /// "winner", "loser"}, against the frozen base; UNet LoRA only)
+    /// [default: sft].
+    #[arg(long, value_name = "OBJECTIVE")]
+    pub objective: Option<selma_train::config::Objective>,
+    /// Diffusion-DPO's beta: beta times a typical winner/loser error gap
+    /// should be about 1 (Diffusion-DPO used 2500-5000 for SD latents)
+    /// [default: 500].
+    #[arg(long, value_name = "BETA")]
+    pub dpo_beta: Option<f64>,
+    /// Smallest training timestep: timesteps are drawn uniformly from
+    /// MIN..MAX (kohya's --min_timestep) [default: 0].
+    #[arg(long, value_name = "MIN")]
+    pub min_timestep: Option<usize>,
+    /// One past the largest training timestep (kohya's --max_timestep)
+    /// [default: the schedule's length, 1000]. `--min-timestep 600` trains
+    /// on high noise only, where layout, counts and binding are decided.
+    #[arg(long, value_name = "MAX")]
+    pub max_timestep: Option<usize>,
     /// Seed [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -186,6 +206,18 @@ pub fn config_from_args(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(o) = a.noise_offset {
         c.noise_offset = o;
+    }
+    if let Some(o) = a.objective {
+        c.objective = o;
+    }
+    if let Some(b) = a.dpo_beta {
+        c.dpo_beta = b;
+    }
+    if let Some(t) = a.min_timestep {
+        c.min_timestep = t;
+    }
+    if a.max_timestep.is_some() {
+        c.max_timestep = a.max_timestep;
     }
     if !a.validation_prompts.is_empty() {
         c.validation_prompts = a.validation_prompts.clone();

@@ -270,6 +270,16 @@ pub struct TrainSection {
     pub min_snr_gamma: Option<f64>,
     /// Noise offset.
     pub noise_offset: f64,
+    /// What the adapters minimise: "sft" (the diffusion loss on the kept
+    /// images, SELMA's recipe) or "dpo" (Diffusion-DPO on pairs of draws of
+    /// one prompt, the image filters' passed image over a failed one, with
+    /// the frozen student as reference). Left out of the run's input hash
+    /// when "sft".
+    #[serde(skip_serializing_if = "is_sft")]
+    pub objective: selma_train::config::Objective,
+    /// Diffusion-DPO's beta (default: selma train's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dpo_beta: Option<f64>,
     /// Checkpoint every N updates (what a killed run loses at most).
     pub save_every: u64,
     /// Output layout: peft or kohya.
@@ -300,9 +310,16 @@ pub struct ReplaySection {
     /// ShapeWorld caption mix of the pool (`selma shapeworld render --mix`).
     #[serde(default = "default_replay_mix")]
     pub mix: String,
-    /// ShapeWorld: probability that a 3-4 object count keeps its number word.
+    /// ShapeWorld: probability that a 3-4 object count keeps its number word
+    /// (world v1 only).
     #[serde(default = "default_number_word_keep")]
     pub number_word_keep: f64,
+    /// ShapeWorld: the world whose pretraining captions the pool has, "v1"
+    /// or "v2" (alt-text captions at world v2's rates). Replay the world
+    /// the base was pretrained on. (Left out of the run's input hash when
+    /// v1, so runs made before world v2 existed resume unchanged.)
+    #[serde(default, skip_serializing_if = "selma_shapeworld::World::is_v1")]
+    pub world: selma_shapeworld::World,
     /// Seed of the rendered pool.
     #[serde(default)]
     pub seed: u64,
@@ -310,6 +327,10 @@ pub struct ReplaySection {
 
 fn default_replay_mix() -> String {
     "single=0.2,count=0.4,binding=0.2,spatial=0.2".into()
+}
+
+fn is_sft(o: &selma_train::config::Objective) -> bool {
+    *o == selma_train::config::Objective::Sft
 }
 
 fn default_number_word_keep() -> f64 {
@@ -334,6 +355,8 @@ impl Default for TrainSection {
             random_flip: d.random_flip,
             min_snr_gamma: d.min_snr_gamma,
             noise_offset: d.noise_offset,
+            objective: d.objective,
+            dpo_beta: None,
             save_every: d.save_every,
             format: d.format,
             replay: None,

@@ -346,6 +346,8 @@ const TRAIN_KEYS_OWNED: &[&str] = &[
     "format",
     "keep_checkpoints",
     "full",
+    "objective",
+    "dpo_beta",
 ];
 
 /// Overlay `[train.extra]` on a trainer config; unknown or pipeline-owned

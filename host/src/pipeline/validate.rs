@@ -217,6 +217,36 @@ fn train_section(l: &Loaded, run_dir: &Path) -> Result<()> {
         .with_context(|| format!("{}: train.format", l.at_header("[train]")))?;
     apply_train_extra(selma_train::trainer::TrainConfig::default(), &t.extra)
         .with_context(|| l.at_header("[train.extra]"))?;
+    if t.objective == selma_train::config::Objective::Dpo {
+        let at = l.at_header("[train]");
+        ensure!(
+            t.replay.is_none(),
+            "{at}: train.objective = \"dpo\" trains on preference pairs only: remove [train.replay] (it mixes image-caption rows)"
+        );
+        ensure!(
+            !cfg.images.ablate_filters,
+            "{at}: train.objective = \"dpo\" takes its pairs from the image filters' verdicts: set images.ablate_filters = false"
+        );
+        ensure!(
+            cfg.images.per_prompt >= 2,
+            "{at}: train.objective = \"dpo\" pairs draws of one prompt: images.per_prompt must be at least 2"
+        );
+        if let Some(b) = t.dpo_beta {
+            range(
+                l,
+                b > 0.0 && b.is_finite(),
+                "train.dpo_beta",
+                "must be a positive number",
+            )?;
+        }
+    } else {
+        range(
+            l,
+            t.dpo_beta.is_none(),
+            "train.dpo_beta",
+            "only applies with objective = \"dpo\"",
+        )?;
+    }
     if let Some(r) = &t.replay {
         let at = l.at_header("[train.replay]");
         ensure!(

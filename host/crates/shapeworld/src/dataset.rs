@@ -5,6 +5,7 @@
 //! only on (seed, i), so the output is byte-identical for a given seed and
 //! the work is split over threads.
 
+use crate::alttext::{describe, AltText};
 use crate::caption::Caption;
 use crate::sample::{sample, scene_seed, SampleOptions, SplitMix64};
 use crate::scene::{Scene, SIZE};
@@ -45,8 +46,12 @@ impl Default for DatasetOptions {
 pub struct MetaLine {
     /// Image path relative to the dataset folder.
     pub file_name: String,
-    /// The caption.
+    /// The caption (world v2: the alt-text caption the model trains on).
     pub text: String,
+    /// World v2: the detailed grammar caption of the scene (what a skill
+    /// prompt would say; the verifier's ground truth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detailed: Option<String>,
     /// The caption's form (single, count, plural, binding, spatial).
     pub skill: String,
     /// The scene (objects in caption order, boxes in pixels).
@@ -62,11 +67,34 @@ pub struct DatasetSummary {
     pub per_skill: Vec<(String, usize)>,
 }
 
-/// The scene, caption and file name of scene `index` of a dataset.
+/// The scene and grammar caption of scene `index` of a dataset (world v2:
+/// the detailed caption, every object, count, colour and relation).
 pub fn dataset_scene(seed: u64, index: u64, opts: &SampleOptions) -> (Scene, Caption) {
+    let (scene, caption, _) = dataset_entry(seed, index, opts);
+    (scene, caption)
+}
+
+/// Scene `index` of a dataset: the scene, its grammar caption and, in
+/// world v2, its alt-text caption (drawn after the scene, from the same
+/// stream).
+pub fn dataset_entry(
+    seed: u64,
+    index: u64,
+    opts: &SampleOptions,
+) -> (Scene, Caption, Option<AltText>) {
     let mut rng = SplitMix64::new(scene_seed(seed, index));
     let form = opts.mix.draw(&mut rng);
-    sample(form, opts.number_word_keep, &mut rng)
+    match &opts.alt_text {
+        None => {
+            let (scene, caption) = sample(form, opts.number_word_keep, &mut rng);
+            (scene, caption, None)
+        }
+        Some(rates) => {
+            let (scene, caption) = sample(form, 1.0, &mut rng);
+            let alt = describe(&scene, rates, &mut rng);
+            (scene, caption, Some(alt))
+        }
+    }
 }
 
 /// Encode row-major RGB `SIZE x SIZE` pixels as PNG bytes.
@@ -121,7 +149,7 @@ fn write_range(
     let mut lines = Vec::with_capacity(range.len());
     let mut px = vec![0u8; SIZE * SIZE * 3];
     for i in range {
-        let (scene, caption) = dataset_scene(opts.seed, i as u64, &opts.sample);
+        let (scene, caption, alt) = dataset_entry(opts.seed, i as u64, &opts.sample);
         px.chunks_mut(3)
             .for_each(|p| p.copy_from_slice(&crate::scene::BACKGROUND));
         scene.render_into(&mut px);
@@ -132,7 +160,8 @@ fn write_range(
         let skill = caption.form().name().to_string();
         let line = MetaLine {
             file_name: name,
-            text: caption.text(),
+            text: alt.as_ref().map_or_else(|| caption.text(), AltText::text),
+            detailed: alt.is_some().then(|| caption.text()),
             skill: skill.clone(),
             scene,
         };
@@ -310,6 +339,7 @@ mod tests {
             sample: SampleOptions {
                 mix: Mix::parse("single=1,count=1,binding=1,spatial=1,plural=1").unwrap(),
                 number_word_keep: 0.5,
+                alt_text: None,
             },
             ..opts(500, 7, 2)
         };

@@ -3,11 +3,13 @@
 //! form, and the mix of forms a dataset draws from. Scene `i` of a dataset depends only on
 //! (seed, i), so datasets can be written in parallel or in shards.
 
+use crate::alttext::AltTextRates;
 use crate::caption::{Caption, Form, Relation};
 use crate::scene::{Color, Object, Scene, Shape, MAX_SIDE, MIN_SIDE, SIZE};
 use anyhow::{bail, Context, Result};
 use selma_rng::Rng;
 pub use selma_rng::SplitMix64;
+use serde::{Deserialize, Serialize};
 
 /// The seed of scene `index` of a dataset with seed `seed`.
 pub fn scene_seed(seed: u64, index: u64) -> u64 {
@@ -102,17 +104,74 @@ impl Mix {
 pub struct SampleOptions {
     /// Shares of the caption forms.
     pub mix: Mix,
-    /// For count scenes with n >= 3: the probability that the caption keeps
-    /// its number word ("three red circles"); otherwise it is the plural
-    /// form ("red circles"). SHAPEWORLD.md's weak-by-data setting is 0.1.
+    /// World v1 only: for count scenes with n >= 3, the probability that
+    /// the caption keeps its number word ("three red circles"); otherwise
+    /// it is the plural form ("red circles"). SHAPEWORLD.md's weak-by-data
+    /// setting is 0.1.
     pub number_word_keep: f64,
+    /// World v2: caption every scene in alt-text style at these rates
+    /// ([`crate::alttext`]); `None` is world v1 (the grammar's captions).
+    pub alt_text: Option<AltTextRates>,
 }
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self {
-            mix: Mix::default(),
-            number_word_keep: 0.1,
+        Self::world(World::V1)
+    }
+}
+
+impl SampleOptions {
+    /// The pretraining distribution of `world` (SHAPEWORLD.md's form mix).
+    pub fn world(world: World) -> Self {
+        match world {
+            World::V1 => Self {
+                mix: Mix::default(),
+                number_word_keep: 0.1,
+                alt_text: None,
+            },
+            World::V2 => Self {
+                mix: Mix::default(),
+                number_word_keep: 1.0,
+                alt_text: Some(AltTextRates::default()),
+            },
+        }
+    }
+}
+
+/// Which ShapeWorld: the scenes are the same, the pretraining captions
+/// differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum World {
+    /// Captions from the grammar (number words of 3-4 objects mostly
+    /// dropped): weak at counting by vocabulary.
+    #[default]
+    V1,
+    /// Alt-text captions that leave out objects, colours, numbers and
+    /// relations at stated rates: weak at following detailed prompts.
+    V2,
+}
+
+impl World {
+    /// "v1" or "v2".
+    pub fn name(self) -> &'static str {
+        match self {
+            World::V1 => "v1",
+            World::V2 => "v2",
+        }
+    }
+
+    /// Is this world v1 (the default)?
+    pub fn is_v1(&self) -> bool {
+        *self == World::V1
+    }
+
+    /// The world called `name`.
+    pub fn from_name(name: &str) -> Result<World> {
+        match name {
+            "v1" => Ok(World::V1),
+            "v2" => Ok(World::V2),
+            _ => bail!("unknown ShapeWorld world \"{name}\": use v1 or v2"),
         }
     }
 }

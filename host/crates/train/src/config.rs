@@ -88,6 +88,43 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     /// Ramp the EMA decay up as diffusers' EMAModel: `min(ema_decay, (1+s)/(10+s))`.
     pub ema_warmup: bool,
+    /// Smallest training timestep (kohya's `min_timestep`): each sample's
+    /// timestep is drawn uniformly from `min_timestep..max_timestep`.
+    pub min_timestep: usize,
+    /// One past the largest training timestep (kohya's `max_timestep`;
+    /// default: the schedule's length, usually 1000). `min_timestep = 600`
+    /// trains on high noise only, where layout and counts are decided.
+    pub max_timestep: Option<usize>,
+    /// What the update minimises: `sft` (the diffusion loss on image-caption
+    /// pairs) or `dpo` (Diffusion-DPO on preference pairs from the data
+    /// folder's `pairs.jsonl`, against the frozen base as reference).
+    pub objective: Objective,
+    /// Diffusion-DPO's beta: the scale of the per-pair error gap inside the
+    /// sigmoid. Diffusion-DPO used 2500-5000 for SD latents; choose it so
+    /// that beta times a typical error gap is of order 1.
+    pub dpo_beta: f64,
+}
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Supervised fine-tuning: the diffusion loss on image-caption pairs.
+    #[default]
+    Sft,
+    /// Diffusion-DPO on (caption, winner, loser) triples.
+    Dpo,
+}
+
+impl std::str::FromStr for Objective {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sft" => Ok(Objective::Sft),
+            "dpo" => Ok(Objective::Dpo),
+            _ => anyhow::bail!("unknown objective \"{s}\": use sft or dpo"),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -129,6 +166,10 @@ impl Default for TrainConfig {
             caption_dropout: 0.0,
             ema_decay: 0.0,
             ema_warmup: true,
+            min_timestep: 0,
+            max_timestep: None,
+            objective: Objective::Sft,
+            dpo_beta: 500.0,
         }
     }
 }
@@ -186,6 +227,24 @@ impl TrainConfig {
             "--ema-decay {} must be in [0, 1) (0 turns EMA off)",
             self.ema_decay
         );
+        if let Some(max) = self.max_timestep {
+            ensure!(
+                self.min_timestep < max,
+                "--min-timestep {} must be below --max-timestep {max}",
+                self.min_timestep
+            );
+        }
+        if self.objective == Objective::Dpo {
+            ensure!(
+                !self.full && !self.trains_text_encoder(),
+                "--objective dpo trains a UNet LoRA against the frozen base: drop --full and --train-text-encoder"
+            );
+            ensure!(
+                self.dpo_beta.is_finite() && self.dpo_beta > 0.0,
+                "--dpo-beta {} must be a positive number",
+                self.dpo_beta
+            );
+        }
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.grad_accum > 0, "--grad-accum must be at least 1");
         ensure!(self.rank > 0, "--rank must be at least 1");

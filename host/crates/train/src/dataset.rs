@@ -57,7 +57,20 @@ pub struct Dataset {
     pub samples: Vec<Sample>,
     /// One line per skipped entry (only with `skip_bad`).
     pub warnings: Vec<String>,
+    /// Preference pairs ([`Dataset::open_pairs`]): `samples` alternate
+    /// winner, loser of one caption.
+    pub paired: bool,
 }
+
+#[derive(Deserialize)]
+struct PairLine {
+    text: Option<String>,
+    winner: Option<String>,
+    loser: Option<String>,
+}
+
+/// The file of preference pairs in a data folder.
+pub const PAIRS_FILE: &str = "pairs.jsonl";
 
 #[derive(Deserialize)]
 struct MetaLine {
@@ -174,12 +187,87 @@ impl Dataset {
             root: dir.to_path_buf(),
             samples,
             warnings,
+            paired: false,
         })
     }
 
-    /// Number of pairs.
+    /// Opens the preference pairs of `dir`: `pairs.jsonl`, one JSON object
+    /// a line with `text` and the `winner` and `loser` image files (relative
+    /// to `dir`), both drawn for that caption. Bad entries are errors naming
+    /// the file and line, or, with `skip_bad`, skipped with a warning.
+    pub fn open_pairs(dir: &Path, skip_bad: bool) -> Result<Self> {
+        let file = dir.join(PAIRS_FILE);
+        let text = std::fs::read_to_string(&file).with_context(|| {
+            format!(
+                "reading {} (the preference pairs of --objective dpo: lines of \
+                 {{\"text\", \"winner\", \"loser\"}})",
+                file.display()
+            )
+        })?;
+        let (mut samples, mut warnings) = (vec![], vec![]);
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let where_ = format!("{} line {}", file.display(), i + 1);
+            let entry = (|| -> Result<[Sample; 2]> {
+                let e: PairLine = serde_json::from_str(line)
+                    .map_err(|e| anyhow::anyhow!("not a JSON object ({e})"))?;
+                let text = e.text.context("no \"text\"")?;
+                let winner = dir.join(e.winner.context("no \"winner\"")?);
+                let loser = dir.join(e.loser.context("no \"loser\"")?);
+                check_image(&winner)?;
+                check_image(&loser)?;
+                ensure!(
+                    image::image_dimensions(&winner)? == image::image_dimensions(&loser)?,
+                    "winner {} and loser {} differ in size",
+                    winner.display(),
+                    loser.display()
+                );
+                Ok([
+                    Sample {
+                        image: winner,
+                        text: text.clone(),
+                    },
+                    Sample { image: loser, text },
+                ])
+            })()
+            .with_context(|| where_.clone());
+            match entry {
+                Ok(pair) => samples.extend(pair),
+                Err(e) if skip_bad => {
+                    let w = format!("skipping: {e:#}");
+                    eprintln!("warning: {w}");
+                    warnings.push(w);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        ensure!(
+            !samples.is_empty(),
+            "{} holds no preference pairs",
+            file.display()
+        );
+        Ok(Self {
+            root: dir.to_path_buf(),
+            samples,
+            warnings,
+            paired: true,
+        })
+    }
+
+    /// Number of images.
     pub fn len(&self) -> usize {
         self.samples.len()
+    }
+
+    /// Number of training units: images, or preference pairs.
+    pub fn units(&self) -> usize {
+        if self.paired {
+            self.samples.len() / 2
+        } else {
+            self.samples.len()
+        }
     }
 
     /// Whether there are no pairs (never after `open`).

@@ -43,6 +43,24 @@ pub struct LoraSet {
     pub layers: Vec<LoraParam>,
 }
 
+/// Runs `f` on `model` with every adapter taken off (the frozen base
+/// model, as the reference of a preference objective), then puts them all
+/// back in place. Nothing `f` computes depends on the adapters' variables.
+pub fn with_adapters_off<M: Adaptable, R>(model: &mut M, f: impl FnOnce(&M) -> R) -> R {
+    let mut taken: Vec<Vec<Adapter>> = vec![];
+    model.visit_adaptable("", &mut |_, host| {
+        taken.push(std::mem::take(host.adapters_mut()))
+    });
+    let r = f(model);
+    let mut it = taken.into_iter();
+    model.visit_adaptable("", &mut |_, host| {
+        if let Some(a) = it.next() {
+            *host.adapters_mut() = a;
+        }
+    });
+    r
+}
+
 /// Whether module `path` is selected by `target` (the full path, or a suffix at a `.` boundary).
 pub fn matches_target(path: &str, target: &str) -> bool {
     path == target || path.ends_with(&format!(".{target}"))

@@ -3,7 +3,8 @@
 //! accumulation, clipping, AdamW, EMA, checkpoints and exact resume, on the
 //! configuration of [`crate::config`], the loss of [`crate::loss`] and the
 //! caches of [`crate::cache`]. LoRA mode trains adapters on the UNet and
-//! writes a LoRA file; full mode (`full`) trains every UNet weight (and the
+//! writes a LoRA file (with `objective = "dpo"`, from preference pairs
+//! against the frozen base); full mode (`full`) trains every UNet weight (and the
 //! text encoders with `train_text_encoder`) and writes a diffusers folder.
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,15 +20,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{LatentCache, TextCache};
 use crate::checkpoint;
+use crate::config::Objective;
 use crate::dataset::{choose_variant, load_rgb, prepare, Crop, Dataset, Variant};
 use crate::ema::{assign, snapshot, Ema};
 use crate::full::{self, FullPart};
-use crate::lora::LoraSet;
+use crate::lora::{with_adapters_off, LoraSet};
 use crate::optim::{clip_grad_norm, AdamW, GradAccumulator, LrSchedule};
 use crate::rng::TrainRng;
 
 pub use crate::config::TrainConfig;
-pub use crate::loss::diffusion_loss;
+pub use crate::loss::{diffusion_loss, dpo_loss, per_sample_loss};
 
 /// Text embeddings of `texts` in one batch, computed in the graph (gradients
 /// reach trainable text encoders): [`StableDiffusion::encode_text_batch`].
@@ -46,6 +48,8 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f64,
+    /// The smallest and largest timestep drawn for this update.
+    pub timesteps: (usize, usize),
 }
 
 /// Loop position saved in checkpoints.
@@ -107,6 +111,8 @@ pub struct Trainer {
     lr_schedule: LrSchedule,
     latents: LatentCache,
     texts: TextCache,
+    /// Smallest and largest timestep drawn in the current update.
+    drawn: (usize, usize),
 }
 
 /// Visits every adaptable layer of the UNet and the text encoder(s).
@@ -130,7 +136,10 @@ impl Trainer {
         let dtype = parse_dtype(&cfg.dtype)?;
         let mut sd = StableDiffusion::load(&cfg.model, &device, dtype)
             .with_context(|| format!("loading the model {}", cfg.model.display()))?;
-        let dataset = Dataset::open(&cfg.data, cfg.skip_bad)?;
+        let dataset = match cfg.objective {
+            Objective::Sft => Dataset::open(&cfg.data, cfg.skip_bad)?,
+            Objective::Dpo => Dataset::open_pairs(&cfg.data, cfg.skip_bad)?,
+        };
         let mut rng = TrainRng::new(cfg.seed);
         let (lora, parts) = if cfg.full {
             let parts = full::make_trainable(&mut sd, &cfg.model, cfg.trains_text_encoder())?;
@@ -203,12 +212,12 @@ impl Trainer {
         } else {
             None
         };
-        let order = rng.permutation(dataset.len());
+        let order = rng.permutation(dataset.units());
         let schedule = sd.scheduler_config.noise_schedule();
         let lr_schedule = LrSchedule::parse(&cfg.lr_schedule, cfg.warmup_steps, cfg.steps)?;
         let latents = LatentCache::new(&cfg.run_dir(), &cfg.model)?;
         let texts = TextCache::new(&cfg.run_dir(), &cfg.model)?;
-        Ok(Self {
+        let t = Self {
             cfg,
             sd,
             lora,
@@ -230,7 +239,10 @@ impl Trainer {
             lr_schedule,
             latents,
             texts,
-        })
+            drawn: (usize::MAX, 0),
+        };
+        t.timestep_range()?;
+        Ok(t)
     }
 
     /// The prediction type from the scheduler config.
@@ -240,7 +252,7 @@ impl Trainer {
 
     fn next_index(&mut self) -> usize {
         if self.state.cursor >= self.state.order.len() {
-            self.state.order = self.state.rng.permutation(self.dataset.len());
+            self.state.order = self.state.rng.permutation(self.dataset.units());
             self.state.cursor = 0;
             self.state.epoch += 1;
         }
@@ -375,36 +387,169 @@ impl Trainer {
         self.zero_empty(texts, ctx, pooled)
     }
 
+    /// The training timesteps `lo..hi` (`min_timestep`, `max_timestep`
+    /// within the schedule); the error names the setting.
+    pub fn timestep_range(&self) -> Result<(usize, usize)> {
+        let n = self.schedule.len();
+        let hi = self.cfg.max_timestep.unwrap_or(n);
+        ensure!(
+            hi <= n,
+            "max_timestep {hi} is past the model's {n}-step noise schedule"
+        );
+        ensure!(
+            self.cfg.min_timestep < hi,
+            "min_timestep {} must be below max_timestep {hi}",
+            self.cfg.min_timestep
+        );
+        Ok((self.cfg.min_timestep, hi))
+    }
+
+    /// The crop/flip of image `idx` for this draw and its SDXL time ids
+    /// (original size, crop corner, target size).
+    fn choose_crop(&mut self, idx: usize) -> Result<(Variant, Vec<f32>)> {
+        let res = self.cfg.resolution;
+        let path = &self.dataset.samples[idx].image;
+        let (w, h) =
+            image::image_dimensions(path).with_context(|| format!("reading {}", path.display()))?;
+        let v = choose_variant(
+            w,
+            h,
+            res,
+            self.cfg.crop,
+            self.cfg.random_flip,
+            &mut self.state.rng,
+        );
+        let ids = vec![
+            h as f32, w as f32, v.y as f32, v.x as f32, res as f32, res as f32,
+        ];
+        Ok((v, ids))
+    }
+
+    /// A latent of image `idx` in crop/flip `v`: a draw from its posterior.
+    fn draw_latent(&mut self, idx: usize, v: Variant) -> Result<Tensor> {
+        let (mean, std) = self.posterior(idx, v)?;
+        let device = self.sd.device().clone();
+        let z = self
+            .state
+            .rng
+            .randn(mean.shape().clone(), 1.0, &device, DType::F32)?;
+        let raw = (mean + (std * z)?)?;
+        self.sd
+            .vae
+            .scale_latents(&raw.to_dtype(self.sd.vae.dtype())?)
+    }
+
+    /// One Diffusion-DPO micro-batch: `batch` preference pairs, winner and
+    /// loser of a pair noised with the same noise at the same timestep; the
+    /// reference errors come from the UNet with its adapters taken off (the
+    /// frozen base), outside the graph. Captions are never dropped.
+    fn dpo_micro_batch(&mut self) -> Result<(f64, Vec<Option<Tensor>>)> {
+        let dtype = self.sd.dtype();
+        let device = self.sd.device().clone();
+        let (mut win, mut lose, mut texts, mut ids) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..self.cfg.batch {
+            let pair = self.next_index();
+            let (w_idx, l_idx) = (2 * pair, 2 * pair + 1);
+            let (v, time_ids) = self.choose_crop(w_idx)?;
+            win.push(self.draw_latent(w_idx, v)?);
+            lose.push(self.draw_latent(l_idx, v)?);
+            texts.push(self.dataset.samples[w_idx].text.clone());
+            ids.push(time_ids);
+        }
+        win.extend(lose);
+        let latents = Tensor::cat(&win, 0)?.to_dtype(dtype)?;
+        let twice = [texts.clone(), texts].concat();
+        let (context, pooled) = self.texts_batch(&twice)?;
+        let context = context.to_dtype(dtype)?;
+        let added = match pooled {
+            None => None,
+            Some(pooled) => {
+                let b = twice.len();
+                Some(SdxlAdded {
+                    text_embeds: pooled.to_dtype(dtype)?,
+                    time_ids: Tensor::from_vec(
+                        [ids.concat(), ids.concat()].concat(),
+                        (b, 6),
+                        &device,
+                    )?
+                    .to_dtype(dtype)?,
+                })
+            }
+        };
+        let (b, c, hh, ww) = latents.dims4()?;
+        let noise = self
+            .state
+            .rng
+            .randn((b / 2, c, hh, ww), 1.0, &device, DType::F32)?;
+        let noise = Tensor::cat(&[&noise, &noise], 0)?.to_dtype(dtype)?;
+        let (lo, hi) = self.timestep_range()?;
+        let half: Vec<usize> = (0..b / 2)
+            .map(|_| lo + self.state.rng.below((hi - lo) as u64) as usize)
+            .collect();
+        for &t in &half {
+            self.drawn = (self.drawn.0.min(t), self.drawn.1.max(t));
+        }
+        let timesteps = [half.clone(), half].concat();
+        let prediction = self.prediction();
+        let policy = per_sample_loss(
+            &self.sd.unet,
+            &self.schedule,
+            prediction,
+            &latents,
+            &noise,
+            &timesteps,
+            &context,
+            added.as_ref(),
+        )?;
+        let schedule = &self.schedule;
+        let reference = with_adapters_off(&mut self.sd.unet, |base| {
+            per_sample_loss(
+                base,
+                schedule,
+                prediction,
+                &latents.detach(),
+                &noise,
+                &timesteps,
+                &context.detach(),
+                added.as_ref(),
+            )
+        })?
+        .detach();
+        let (loss, _) = dpo_loss(&policy, &reference, self.cfg.dpo_beta)?;
+        self.finish_micro_batch(loss)
+    }
+
+    /// The loss value and the gradients of the trained tensors (optimizer
+    /// order) of one micro-batch's loss; a non-finite loss is an error.
+    fn finish_micro_batch(&mut self, loss: Tensor) -> Result<(f64, Vec<Option<Tensor>>)> {
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        ensure!(
+            value.is_finite(),
+            "loss is {value} at update {}",
+            self.state.step + 1
+        );
+        let grads = loss.backward()?;
+        let g = self
+            .opt
+            .params
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
+        Ok((value, g))
+    }
+
     /// One micro-batch: loss value and the gradients of the trained tensors (optimizer order).
     pub fn micro_batch(&mut self) -> Result<(f64, Vec<Option<Tensor>>)> {
-        let res = self.cfg.resolution;
+        if self.cfg.objective == Objective::Dpo {
+            return self.dpo_micro_batch();
+        }
         let dtype = self.sd.dtype();
         let device = self.sd.device().clone();
         let (mut lat, mut texts, mut ids) = (vec![], vec![], vec![]);
         for _ in 0..self.cfg.batch {
             let idx = self.next_index();
-            let path = self.dataset.samples[idx].image.clone();
-            let (w, h) = image::image_dimensions(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let v = choose_variant(
-                w,
-                h,
-                res,
-                self.cfg.crop,
-                self.cfg.random_flip,
-                &mut self.state.rng,
-            );
-            let (mean, std) = self.posterior(idx, v)?;
-            let z = self
-                .state
-                .rng
-                .randn(mean.shape().clone(), 1.0, &device, DType::F32)?;
-            let raw = (mean + (std * z)?)?;
-            lat.push(
-                self.sd
-                    .vae
-                    .scale_latents(&raw.to_dtype(self.sd.vae.dtype())?)?,
-            );
+            let (v, time_ids) = self.choose_crop(idx)?;
+            lat.push(self.draw_latent(idx, v)?);
             let drop = self.cfg.caption_dropout > 0.0
                 && self.state.rng.uniform() < self.cfg.caption_dropout;
             texts.push(if drop {
@@ -412,9 +557,7 @@ impl Trainer {
             } else {
                 self.dataset.samples[idx].text.clone()
             });
-            ids.push(vec![
-                h as f32, w as f32, v.y as f32, v.x as f32, res as f32, res as f32,
-            ]);
+            ids.push(time_ids);
         }
         let latents = Tensor::cat(&lat, 0)?.to_dtype(dtype)?;
         let (context, pooled) = self.texts_batch(&texts)?;
@@ -440,10 +583,13 @@ impl Trainer {
             noise = noise.broadcast_add(&off)?;
         }
         let noise = noise.to_dtype(dtype)?;
-        let n = self.schedule.len() as u64;
+        let (lo, hi) = self.timestep_range()?;
         let timesteps: Vec<usize> = (0..latents.dim(0)?)
-            .map(|_| self.state.rng.below(n) as usize)
+            .map(|_| lo + self.state.rng.below((hi - lo) as u64) as usize)
             .collect();
+        for &t in &timesteps {
+            self.drawn = (self.drawn.0.min(t), self.drawn.1.max(t));
+        }
         let loss = diffusion_loss(
             &self.sd.unet,
             &self.schedule,
@@ -455,20 +601,7 @@ impl Trainer {
             &context,
             added.as_ref(),
         )?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        ensure!(
-            value.is_finite(),
-            "loss is {value} at update {}",
-            self.state.step + 1
-        );
-        let grads = loss.backward()?;
-        let g = self
-            .opt
-            .params
-            .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned())
-            .collect();
-        Ok((value, g))
+        self.finish_micro_batch(loss)
     }
 
     /// Validation loss: the mean diffusion loss over every sample (center
@@ -539,6 +672,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let mut acc = GradAccumulator::new();
         let mut loss = 0.0;
+        self.drawn = (usize::MAX, 0);
         for _ in 0..self.cfg.grad_accum {
             let (l, g) = self.micro_batch()?;
             loss += l;
@@ -563,6 +697,7 @@ impl Trainer {
             loss: loss / self.cfg.grad_accum as f64,
             grad_norm,
             lr,
+            timesteps: self.drawn,
         })
     }
 

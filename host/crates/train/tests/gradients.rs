@@ -14,16 +14,16 @@ use selma_train::lora::{LoraSet, DEFAULT_TARGETS};
 use selma_train::rng::TrainRng;
 use selma_train::trainer::diffusion_loss;
 
-struct Setup {
-    sd: StableDiffusion,
-    lora: LoraSet,
-    latents: Tensor,
-    noise: Tensor,
-    context: Tensor,
-    timesteps: Vec<usize>,
+pub(crate) struct Setup {
+    pub(crate) sd: StableDiffusion,
+    pub(crate) lora: LoraSet,
+    pub(crate) latents: Tensor,
+    pub(crate) noise: Tensor,
+    pub(crate) context: Tensor,
+    pub(crate) timesteps: Vec<usize>,
 }
 
-fn setup(dir: &Path, dtype: DType) -> Setup {
+pub(crate) fn setup(dir: &Path, dtype: DType) -> Setup {
     let m = dir.join("tiny");
     init_model(Preset::Tiny, &m, 11).unwrap();
     let dev = Device::Cpu;
@@ -84,7 +84,7 @@ fn loss(s: &Setup) -> Tensor {
     .unwrap()
 }
 
-fn scalar(t: &Tensor) -> f64 {
+pub(crate) fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 

@@ -6,6 +6,7 @@ mod common;
 
 mod config;
 mod dataset;
+mod dpo;
 mod full;
 mod gradients;
 mod learning;
@@ -14,6 +15,7 @@ mod resume;
 mod roundtrip;
 mod te_lora;
 mod text_cache;
+mod timesteps;
 
 /// For a test that changes process-wide state (such as
 /// `set_frozen_fast_path`): runs the test `name` (its path in this binary,

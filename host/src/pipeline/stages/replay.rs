@@ -58,10 +58,15 @@ pub fn pool(plan: &Plan, r: &ReplaySection) -> Result<Pool> {
             // (rejection, then modulo; they were multiply-shift), which
             // changed the scenes of every seed: pools of the old sampler are
             // not reused, and the adapters trained on them are redone.
-            let id = hash_json(&json!({
+            // `world` joins the hash only for v2, so v1 pools keep their ids.
+            let mut key = json!({
                 "shapeworld": n, "mix": r.mix, "number_word_keep": r.number_word_keep, "seed": r.seed,
                 "sampler": "selma-rng",
-            }));
+            });
+            if r.world != selma_shapeworld::World::V1 {
+                key["world"] = json!(r.world.name());
+            }
+            let id = hash_json(&key);
             let name = format!("shapeworld-{}", &id[..12]);
             let dir = plan.dir.root.join("replay").join(&name);
             Ok(Pool {
@@ -84,7 +89,13 @@ pub fn rows_of(r: &ReplaySection, pool: &Pool) -> Result<Vec<serde_json::Value>>
             seed: r.seed,
             sample: selma_shapeworld::SampleOptions {
                 mix: selma_shapeworld::Mix::parse(&r.mix)?,
-                number_word_keep: r.number_word_keep,
+                ..match r.world {
+                    selma_shapeworld::World::V1 => selma_shapeworld::SampleOptions {
+                        number_word_keep: r.number_word_keep,
+                        ..selma_shapeworld::SampleOptions::world(r.world)
+                    },
+                    selma_shapeworld::World::V2 => selma_shapeworld::SampleOptions::world(r.world),
+                }
             },
             overwrite: false,
             threads: 0,

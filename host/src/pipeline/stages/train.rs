@@ -70,6 +70,53 @@ fn skill_rows(plan: &Plan, skill: &str, unfiltered: bool) -> Result<Vec<serde_js
     Ok(rows)
 }
 
+/// Preference pairs over several skills' draws (paths relative to
+/// `experts/<file>.data/`): for each prompt, every image the filters kept
+/// over every image they rejected (`verdicts.jsonl`), in file order.
+fn pair_rows(plan: &Plan, skills: &[&str]) -> Result<Vec<serde_json::Value>> {
+    #[derive(serde::Deserialize)]
+    struct Verdict {
+        file_name: String,
+        text: String,
+        keep: bool,
+    }
+    let mut rows = vec![];
+    for s in skills {
+        let path = plan.dir.images(s).join("verdicts.jsonl");
+        let verdicts: Vec<Verdict> = selma_io::read_jsonl(&path)?;
+        let mut by_prompt: Vec<(String, Vec<String>, Vec<String>)> = vec![];
+        for v in verdicts {
+            let f = format!("../../{s}/images/{}", v.file_name);
+            let slot = match by_prompt.iter().position(|(t, _, _)| *t == v.text) {
+                Some(i) => i,
+                None => {
+                    by_prompt.push((v.text.clone(), vec![], vec![]));
+                    by_prompt.len() - 1
+                }
+            };
+            if v.keep {
+                by_prompt[slot].1.push(f);
+            } else {
+                by_prompt[slot].2.push(f);
+            }
+        }
+        let before = rows.len();
+        for (text, won, lost) in &by_prompt {
+            for w in won {
+                for l in lost {
+                    rows.push(json!({"text": text, "winner": w, "loser": l}));
+                }
+            }
+        }
+        anyhow::ensure!(
+            rows.len() > before,
+            "skill {s}: no prompt has both a kept and a rejected image in {}, so objective = \"dpo\" has no pairs: draw more images per prompt (images.per_prompt)",
+            path.display()
+        );
+    }
+    Ok(rows)
+}
+
 /// Does the folder hold a finished checkpoint?
 fn has_checkpoint(run: &Path) -> bool {
     std::fs::read_dir(run)
@@ -88,6 +135,8 @@ struct Work {
     file: String,
     /// The rows of its data listing (None: the skill's kept images in place).
     listing: Option<Vec<serde_json::Value>>,
+    /// The listing is preference pairs (`pairs.jsonl`).
+    pairs: bool,
     steps: u64,
     seed: u64,
 }
@@ -153,6 +202,10 @@ fn train_config(
         random_flip: t.random_flip,
         min_snr_gamma: t.min_snr_gamma,
         noise_offset: t.noise_offset,
+        objective: t.objective,
+        dpo_beta: t
+            .dpo_beta
+            .unwrap_or(selma_train::trainer::TrainConfig::default().dpo_beta),
         device: cfg.run.device.clone(),
         dtype: cfg.run.dtype.clone(),
         ..Default::default()
@@ -219,7 +272,10 @@ fn prepare(
     };
     // A skill's kept images train its expert in place; the joint baseline,
     // unfiltered experts and replaying runs get a listing under experts/.
-    let listing = if name != "joint" && !job.replica.unfiltered && pool.is_none() {
+    let pairs = cfg.train.objective == selma_train::config::Objective::Dpo;
+    let listing = if pairs {
+        Some(pair_rows(plan, &skills)?)
+    } else if name != "joint" && !job.replica.unfiltered && pool.is_none() {
         None
     } else {
         let mut rows = data_rows(plan, &skills, job.replica.unfiltered)?;
@@ -238,6 +294,7 @@ fn prepare(
         name: name.to_string(),
         file: file.to_string(),
         listing,
+        pairs,
         steps,
         seed,
     }))
@@ -263,7 +320,12 @@ fn set_up(
         None => plan.dir.images(&w.name),
         Some(rows) => {
             let data = plan.dir.experts().join(format!("{}.data", w.file));
-            selma_io::write_jsonl(&data.join("metadata.jsonl"), rows)?;
+            let name = if w.pairs {
+                selma_train::dataset::PAIRS_FILE
+            } else {
+                "metadata.jsonl"
+            };
+            selma_io::write_jsonl(&data.join(name), rows)?;
             data
         }
     };
@@ -331,11 +393,19 @@ pub fn run(d: &mut Driver) -> Result<()> {
             b.suspend(|| eprintln!("train: {unit}: resuming from step {}", trainer.state.step));
         } else {
             b.suspend(|| {
-                eprintln!(
-                    "train: {unit}: {} images, {} updates",
-                    trainer.dataset.len(),
-                    w.steps
-                )
+                if trainer.dataset.paired {
+                    eprintln!(
+                        "train: {unit}: {} preference pairs (kept over rejected draws), {} updates",
+                        trainer.dataset.units(),
+                        w.steps
+                    )
+                } else {
+                    eprintln!(
+                        "train: {unit}: {} images, {} updates",
+                        trainer.dataset.len(),
+                        w.steps
+                    )
+                }
             });
         }
         let mut seen = trainer.state.step;
