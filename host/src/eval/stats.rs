@@ -85,9 +85,21 @@ pub fn mean_ci95(xs: &[f64]) -> (f64, f64, f64) {
     mean_ci95_t(xs)
 }
 
+/// Clip an interval to [0, 1] when every value lies there (image-filter
+/// scores and pass rates: their mean cannot leave [0, 1], while a t interval
+/// of a few values easily does); other scales (CLIPScore) are left alone.
+fn clip_to_unit(xs: &[f64], (mean, lo, hi): (f64, f64, f64)) -> (f64, f64, f64) {
+    if xs.iter().all(|x| (0.0..=1.0).contains(x)) {
+        (mean, lo.max(0.0), hi.min(1.0))
+    } else {
+        (mean, lo, hi)
+    }
+}
+
 /// Mean and 95% Student-t interval of a few values (e.g. one mean per seed),
 /// never the Wilson interval: the values are means, not pass/fail data.
-/// Returns (mean, lo, hi); one value gives `[x, x]`, none gives NaNs.
+/// Returns (mean, lo, hi); one value gives `[x, x]`, none gives NaNs. Values
+/// that all lie in [0, 1] get an interval clipped to [0, 1].
 pub fn mean_ci95_t(xs: &[f64]) -> (f64, f64, f64) {
     let n = xs.len();
     if n == 0 {
@@ -99,12 +111,13 @@ pub fn mean_ci95_t(xs: &[f64]) -> (f64, f64, f64) {
     }
     let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
     let half = t975(n - 1) * (var / n as f64).sqrt();
-    (mean, mean - half, mean + half)
+    clip_to_unit(xs, (mean, mean - half, mean + half))
 }
 
 /// The unweighted mean of several groups' means (e.g. skills) with a normal
 /// 95% interval from the groups' standard errors (independent groups):
-/// half-width 1.96 sqrt(sum s_k^2 / n_k) / K. Groups of one value add no spread.
+/// half-width 1.96 sqrt(sum s_k^2 / n_k) / K. Groups of one value add no
+/// spread; values that all lie in [0, 1] get an interval clipped to [0, 1].
 pub fn mean_of_means_ci95(groups: &[Vec<f64>]) -> (f64, f64, f64) {
     let groups: Vec<&Vec<f64>> = groups.iter().filter(|g| !g.is_empty()).collect();
     if groups.is_empty() {
@@ -123,7 +136,8 @@ pub fn mean_of_means_ci95(groups: &[Vec<f64>]) -> (f64, f64, f64) {
         }
     }
     let half = Z975 * var_sum.sqrt() / k;
-    (mean, mean - half, mean + half)
+    let all: Vec<f64> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+    clip_to_unit(&all, (mean, mean - half, mean + half))
 }
 
 #[cfg(test)]
@@ -213,12 +227,25 @@ mod tests {
 
     #[test]
     fn t_interval_over_seeds_by_hand() {
-        // 0 / 1 means are not pass/fail data here: t(1) interval, not Wilson.
-        let (m, lo, hi) = mean_ci95_t(&[0.0, 1.0]);
-        assert!(close(m, 0.5, 1e-12));
-        // s = sqrt(0.5), se = 0.5, t(1) = 12.7062
-        assert!(close(hi - m, 6.353_102_368, 1e-6), "half {}", hi - m);
+        // Values beyond [0, 1]: the plain t(1) interval.
+        let (m, lo, hi) = mean_ci95_t(&[0.0, 2.0]);
+        assert!(close(m, 1.0, 1e-12));
+        // s = sqrt(2), se = 1, t(1) = 12.7062
+        assert!(close(hi - m, 12.706_204_736, 1e-6), "half {}", hi - m);
         assert!(close(m - lo, hi - m, 1e-12));
+        // 0 / 1 means are not pass/fail data here: a t interval, not Wilson,
+        // clipped to [0, 1] where the mean of such scores lies.
+        assert_eq!(mean_ci95_t(&[0.0, 1.0]), (0.5, 0.0, 1.0));
+        let (m, lo, hi) = mean_ci95_t(&[0.80, 0.82, 0.84]);
+        // s = 0.02, se = 0.011547, t(2) = 4.302653: [0.7703, 0.8697], inside.
+        assert!(
+            close(m, 0.82, 1e-12) && close(hi - m, 0.049_683, 1e-5),
+            "{lo} {hi}"
+        );
+        assert!(close(m - lo, hi - m, 1e-12));
+        let (_, lo, hi) = mean_ci95_t(&[0.95, 0.99]);
+        assert_eq!(hi, 1.0);
+        assert!(lo > 0.7 && lo < 0.95, "{lo}");
         assert_eq!(mean_ci95_t(&[0.3]), (0.3, 0.3, 0.3));
         assert!(mean_ci95_t(&[]).0.is_nan());
     }
@@ -232,6 +259,10 @@ mod tests {
         let half = Z975 * (4.0f64 / 3.0).sqrt() / 2.0;
         assert!(close(hi - m, half, 1e-12) && close(m - lo, half, 1e-12));
         assert!(mean_of_means_ci95(&[]).0.is_nan());
+        // [0, 1] scores: the interval stays in [0, 1].
+        let (m, lo, hi) = mean_of_means_ci95(&[vec![0.0, 1.0], vec![1.0, 1.0, 0.0]]);
+        assert!(close(m, (0.5 + 2.0 / 3.0) / 2.0, 1e-12));
+        assert!(lo >= 0.0 && hi <= 1.0 && lo < m && m < hi, "{lo} {hi}");
     }
 
     #[test]
