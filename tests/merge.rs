@@ -570,3 +570,33 @@ fn external_strategy_loads_by_path_without_rebuilding_the_host() {
         "scaled-linear with gain 2",
     );
 }
+
+/// A strategy whose output is not finite (here `scaled-linear` with a gain
+/// that overflows f32, as a plugin written from outside found) stops the
+/// merge with an error naming the strategy and the layer; no file is
+/// written, with factors or with a dense delta.
+#[test]
+fn non_finite_merge_output_is_an_error_and_writes_nothing() {
+    let wasm = support::test_plugin("external-merge");
+    let wasm = wasm.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = tiny_pair(dir.path());
+    let out = dir.path().join("bad.safetensors");
+    for extra in [&[][..], &["--rank", "2"][..]] {
+        let mut args = vec!["merge"];
+        args.extend(files.iter().map(|p| p.to_str().unwrap()));
+        args.extend(["--strategy", wasm, "--param", "gain=1e39", "--out"]);
+        args.push(out.to_str().unwrap());
+        args.extend(extra);
+        let o = selma(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?}: merged a non-finite LoRA");
+        assert!(
+            err.contains("scaled-linear")
+                && err.contains("NaN or infinite")
+                && err.contains("layer"),
+            "{extra:?}: {err}"
+        );
+        assert!(!out.exists(), "{extra:?}: a file was written");
+    }
+}

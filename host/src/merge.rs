@@ -219,9 +219,42 @@ pub fn call_strategy(
             })
         })
         .collect::<Result<_>>()?;
-    merger
+    let merged = merger
         .merge_layer(layer, &experts, rank.map(|r| r as u32))
-        .with_context(|| format!("merging layer {layer} with {}", merger.name()))
+        .with_context(|| format!("merging layer {layer} with {}", merger.name()))?;
+    // A strategy's NaN, Inf or overflowing factors would render black: the
+    // merge stops here, before anything is written.
+    let (what, delta) = match &merged {
+        MergedLayer::Delta(d) => ("delta", d.clone()),
+        MergedLayer::Factors { up, down } => {
+            ensure_finite(up, merger, layer, "up factor")?;
+            ensure_finite(down, merger, layer, "down factor")?;
+            ("factors' product up @ down", up.matmul(down)?)
+        }
+    };
+    ensure_finite(&delta, merger, layer, what)?;
+    Ok(merged)
+}
+
+/// An error naming the strategy and the layer unless every value of `t` is finite.
+fn ensure_finite(
+    t: &candle_core::Tensor,
+    merger: &dyn LayerMerger,
+    layer: &str,
+    what: &str,
+) -> Result<()> {
+    let values: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let bad = values.iter().filter(|x| !x.is_finite()).count();
+    ensure!(
+        bad == 0,
+        "merge strategy {} returned {bad} NaN or infinite value(s) in the {what} of layer {layer} \
+         (a merged LoRA must be finite; nothing was written)",
+        merger.name()
+    );
+    Ok(())
 }
 
 /// Turn a strategy's result into the output layer: re-factor to the output

@@ -147,14 +147,15 @@ impl<T: crate::ImageFilter>
         prompt: String,
         params: Vec<crate::Param>,
     ) -> Result<crate::ImageVerdict, String> {
-        let mut v = T::check(img, prompt, Params::new(params))?;
-        if !v.score.is_finite() {
+        let v = T::check(img, prompt, Params::new(params))?;
+        // One rule for every bad score (NaN, Inf, below 0, above 1): an
+        // error, never a silent clamp.
+        if !(0.0..=1.0).contains(&v.score) {
             return Err(format!(
-                "image filter returned a non-finite score ({})",
+                "image filter returned the score {}: scores are fractions in [0, 1]",
                 v.score
             ));
         }
-        v.score = v.score.clamp(0.0, 1.0);
         Ok(v)
     }
 }

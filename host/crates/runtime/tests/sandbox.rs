@@ -371,3 +371,39 @@ fn imports_log_random_and_llm_follow_seed_and_grants() {
         seen[0]
     );
 }
+
+/// Image-filter scores outside [0, 1] (and NaN) are errors naming the
+/// plugin, never clamped; a score inside passes through; the instance keeps
+/// working after a refused call.
+#[test]
+fn image_filter_scores_outside_zero_one_are_errors() {
+    let wasm = test_plugin("hostile-score");
+    let cache = tempfile::tempdir().unwrap();
+    let rt = small_runtime(cache.path());
+    let mut f = rt.image_filter(wasm.to_str().unwrap()).unwrap();
+    let img = selma_runtime::RgbImage {
+        width: 2,
+        height: 2,
+        pixels: vec![128; 12],
+        non_finite: 0.0,
+    };
+    let with = |f: &selma_runtime::ImageFilterPlugin, s: &str| {
+        f.params(&[("score".into(), s.into())]).unwrap()
+    };
+    for s in ["0", "0.25", "1"] {
+        let p = with(&f, s);
+        let v = f.check(&img, "x", &p).unwrap();
+        assert_eq!(v.score, s.parse::<f32>().unwrap());
+    }
+    for s in ["1.5", "-0.1", "1e39"] {
+        let p = with(&f, s);
+        let err = f.check(&img, "x", &p).unwrap_err().to_string();
+        assert!(
+            err.contains("plugin \"hostile-score\"") && err.contains("[0, 1]"),
+            "{s}: {err}"
+        );
+    }
+    let p = with(&f, "0.5");
+    assert_eq!(f.check(&img, "x", &p).unwrap().score, 0.5);
+    assert_good_plugin_works(&rt);
+}
