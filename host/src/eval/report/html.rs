@@ -339,7 +339,7 @@ fn grid_html(out: &mut String, g: &Grid, variant_order: &[String]) -> Result<()>
 }
 
 /// A number for an axis label: short, without trailing noise.
-fn axis_num(v: f64) -> String {
+pub(super) fn axis_num(v: f64) -> String {
     let a = v.abs();
     if v.fract() == 0.0 && a < 1e9 {
         format!("{v:.0}")
@@ -526,7 +526,11 @@ pub fn render(input: &ReportInput) -> Result<String> {
     o.push_str("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">\n");
     o.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
     let _ = writeln!(o, "<title>{}</title>", esc(&input.title));
-    let _ = writeln!(o, "<style>{STYLE}</style>\n</head>\n<body>");
+    let _ = writeln!(
+        o,
+        "<style>{STYLE}{}</style>\n</head>\n<body>",
+        super::chart::STYLE
+    );
     let _ = writeln!(o, "<h1>{}</h1>", esc(&input.title));
     if !input.notes.is_empty() {
         o.push_str("<ul class=\"notes\">\n");
@@ -550,6 +554,18 @@ pub fn render(input: &ReportInput) -> Result<String> {
         o.push_str("<p class=\"missing\">No evaluation results.</p>\n");
     } else {
         results_table(&mut o, r);
+        // One bar chart per skill for the first scorer: mean and interval
+        // per variant, the base's mean dashed.
+        let scorer = &r.scorers[0];
+        let _ = writeln!(
+            o,
+            "<p>{}: mean per variant with its 95% interval; the dashed line is the base.</p>\n<div class=\"plots charts\">",
+            esc(scorer)
+        );
+        for skill in &r.skills {
+            o.push_str(&super::chart::bars_svg(r, skill, scorer));
+        }
+        o.push_str("</div>\n");
     }
     for t in &r.extra {
         extra_table(&mut o, t);

@@ -1,9 +1,11 @@
 //! The run report: one self-contained `report.html` (results table with the
 //! best value per column marked, extra tables, per-skill image grids with
-//! images inlined as `data:` URIs, training loss curves as inline SVG, the
+//! images inlined as `data:` URIs, a bar chart per skill ([`chart`]),
+//! training loss curves as inline SVG, the
 //! config), written atomically through `selma_io`; also the loss-log
 //! reader. It reads `results`; nothing in `eval` below it imports it.
 
+mod chart;
 mod html;
 
 use super::results::Results;

@@ -280,3 +280,59 @@ fn write_is_atomic_and_leaves_no_temp() {
         .collect();
     assert_eq!(names, vec!["report.html".to_string()]);
 }
+
+/// The attribute `name` of an SVG element's text.
+fn attr(el: &str, name: &str) -> f64 {
+    let key = format!(" {name}=\"");
+    let at = el.find(&key).unwrap_or_else(|| panic!("no {name} in {el}")) + key.len();
+    el[at..].split('"').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn bar_charts_show_each_variant_at_its_mean_with_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = input(dir.path());
+    let html = render(&inp).unwrap();
+    // One chart per skill, for the first scorer.
+    assert_eq!(html.matches("<svg class=\"bars\"").count(), 2);
+    for skill in ["counting", "general"] {
+        let start = html
+            .find(&format!("<svg class=\"bars\" data-skill=\"{skill}\""))
+            .unwrap();
+        let svg = &html[start..start + html[start..].find("</svg>").unwrap()];
+        let bars: Vec<&str> = svg.split("<rect ").skip(1).collect();
+        assert_eq!(bars.len(), 3, "{svg}");
+        let floor = attr(bars[0], "y") + attr(bars[0], "height");
+        let mut full = None;
+        for (bar, v) in bars.iter().zip(&inp.results.variants) {
+            let c = inp.results.cell(v, skill, "degenerate").unwrap();
+            assert!(bar.contains(&format!("data-variant=\"{v}\"")));
+            assert_eq!(attr(bar, "data-mean"), c.mean);
+            // Bars stand on one floor, heights proportional to the means (axis 0..1).
+            assert!((attr(bar, "y") + attr(bar, "height") - floor).abs() < 0.2);
+            let per_unit = attr(bar, "height") / c.mean;
+            let f = *full.get_or_insert(per_unit);
+            assert!((per_unit - f).abs() < 0.5, "{per_unit} vs {f}");
+        }
+        let f = full.unwrap();
+        // Whiskers run from lo to hi; the dashed line sits at the base's mean.
+        for (w, v) in svg
+            .split("class=\"whisker\" d=\"M")
+            .skip(1)
+            .zip(&inp.results.variants)
+        {
+            let c = inp.results.cell(v, skill, "degenerate").unwrap();
+            let nums: Vec<f64> = w
+                .split(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
+                .filter(|t| !t.is_empty())
+                .take(3)
+                .map(|t| t.parse().unwrap())
+                .collect();
+            assert!((floor - nums[1] - c.lo * f).abs() < 0.3, "lo of {v}: {w}");
+            assert!((floor - nums[2] - c.hi * f).abs() < 0.3, "hi of {v}: {w}");
+        }
+        let base = inp.results.cell("base", skill, "degenerate").unwrap().mean;
+        let line = &svg[svg.find("class=\"baseline\"").unwrap()..];
+        assert!((floor - attr(line, "y1") - base * f).abs() < 0.2);
+    }
+}
