@@ -425,6 +425,27 @@ impl Trainer {
         Ok((v, ids))
     }
 
+    /// The UNet's conditioning of a batch: the captions' embeddings and, for
+    /// SDXL, the pooled embeddings with the time ids (one row per caption).
+    fn condition(
+        &mut self,
+        texts: &[String],
+        ids: &[Vec<f32>],
+    ) -> Result<(Tensor, Option<SdxlAdded>)> {
+        let dtype = self.sd.dtype();
+        let device = self.sd.device().clone();
+        let (context, pooled) = self.texts_batch(texts)?;
+        let added = match pooled {
+            None => None,
+            Some(pooled) => Some(SdxlAdded {
+                text_embeds: pooled.to_dtype(dtype)?,
+                time_ids: Tensor::from_vec(ids.concat(), (ids.len(), 6), &device)?
+                    .to_dtype(dtype)?,
+            }),
+        };
+        Ok((context.to_dtype(dtype)?, added))
+    }
+
     /// A latent of image `idx` in crop/flip `v`: a draw from its posterior.
     fn draw_latent(&mut self, idx: usize, v: Variant) -> Result<Tensor> {
         let (mean, std) = self.posterior(idx, v)?;
@@ -459,23 +480,8 @@ impl Trainer {
         win.extend(lose);
         let latents = Tensor::cat(&win, 0)?.to_dtype(dtype)?;
         let twice = [texts.clone(), texts].concat();
-        let (context, pooled) = self.texts_batch(&twice)?;
-        let context = context.to_dtype(dtype)?;
-        let added = match pooled {
-            None => None,
-            Some(pooled) => {
-                let b = twice.len();
-                Some(SdxlAdded {
-                    text_embeds: pooled.to_dtype(dtype)?,
-                    time_ids: Tensor::from_vec(
-                        [ids.concat(), ids.concat()].concat(),
-                        (b, 6),
-                        &device,
-                    )?
-                    .to_dtype(dtype)?,
-                })
-            }
-        };
+        let ids = [ids.clone(), ids].concat();
+        let (context, added) = self.condition(&twice, &ids)?;
         let (b, c, hh, ww) = latents.dims4()?;
         let noise = self
             .state
@@ -560,18 +566,7 @@ impl Trainer {
             ids.push(time_ids);
         }
         let latents = Tensor::cat(&lat, 0)?.to_dtype(dtype)?;
-        let (context, pooled) = self.texts_batch(&texts)?;
-        let context = context.to_dtype(dtype)?;
-        let added = match pooled {
-            None => None,
-            Some(pooled) => {
-                let b = ids.len();
-                Some(SdxlAdded {
-                    text_embeds: pooled.to_dtype(dtype)?,
-                    time_ids: Tensor::from_vec(ids.concat(), (b, 6), &device)?.to_dtype(dtype)?,
-                })
-            }
-        };
+        let (context, added) = self.condition(&texts, &ids)?;
         let shape = latents.shape().clone();
         let mut noise = self.state.rng.randn(shape, 1.0, &device, DType::F32)?;
         if self.cfg.noise_offset != 0.0 {
