@@ -404,6 +404,19 @@ impl Trainer {
         Ok((self.cfg.min_timestep, hi))
     }
 
+    /// `n` training timesteps, uniform in the configured range; the
+    /// update's smallest and largest are kept for its [`StepStats`].
+    fn draw_timesteps(&mut self, n: usize) -> Result<Vec<usize>> {
+        let (lo, hi) = self.timestep_range()?;
+        let ts: Vec<usize> = (0..n)
+            .map(|_| lo + self.state.rng.below((hi - lo) as u64) as usize)
+            .collect();
+        for &t in &ts {
+            self.drawn = (self.drawn.0.min(t), self.drawn.1.max(t));
+        }
+        Ok(ts)
+    }
+
     /// The crop/flip of image `idx` for this draw and its SDXL time ids
     /// (original size, crop corner, target size).
     fn choose_crop(&mut self, idx: usize) -> Result<(Variant, Vec<f32>)> {
@@ -488,13 +501,7 @@ impl Trainer {
             .rng
             .randn((b / 2, c, hh, ww), 1.0, &device, DType::F32)?;
         let noise = Tensor::cat(&[&noise, &noise], 0)?.to_dtype(dtype)?;
-        let (lo, hi) = self.timestep_range()?;
-        let half: Vec<usize> = (0..b / 2)
-            .map(|_| lo + self.state.rng.below((hi - lo) as u64) as usize)
-            .collect();
-        for &t in &half {
-            self.drawn = (self.drawn.0.min(t), self.drawn.1.max(t));
-        }
+        let half = self.draw_timesteps(b / 2)?;
         let timesteps = [half.clone(), half].concat();
         let prediction = self.prediction();
         let policy = per_sample_loss(
@@ -578,13 +585,7 @@ impl Trainer {
             noise = noise.broadcast_add(&off)?;
         }
         let noise = noise.to_dtype(dtype)?;
-        let (lo, hi) = self.timestep_range()?;
-        let timesteps: Vec<usize> = (0..latents.dim(0)?)
-            .map(|_| lo + self.state.rng.below((hi - lo) as u64) as usize)
-            .collect();
-        for &t in &timesteps {
-            self.drawn = (self.drawn.0.min(t), self.drawn.1.max(t));
-        }
+        let timesteps = self.draw_timesteps(latents.dim(0)?)?;
         let loss = diffusion_loss(
             &self.sd.unet,
             &self.schedule,
