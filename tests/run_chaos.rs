@@ -1,13 +1,14 @@
 //! Chaos: `selma run` on a small config, killed with SIGKILL at seeded
-//! random moments in every stage (at least 20 kills; every stage but the
-//! report, which lasts a few ms, is hit every time), resumed each time,
+//! random moments in every stage (at least 20 kills; every stage is hit
+//! every time: the merges and the report, a few ms each, pause before
+//! their manifests, see [`PAUSES`]), resumed each time,
 //! ends with every output file (prompts, images, verdicts, held-out
 //! prompts, scores, the adapters' and merges' tensors, the loss logs and
 //! results.json) equal byte for byte to an uninterrupted run's. A second
 //! test does the same with two workers on one run directory, either of
-//! which may be killed (at least 20 kills, in images, training and
-//! evaluation at least: the short stages are often over before a worker's
-//! start-up ends).
+//! which may be killed (at least 20 kills, in images, training, merges and
+//! evaluation at least: prompts and the report are often over before a
+//! worker's start-up ends).
 
 use crate::support;
 
@@ -91,8 +92,14 @@ fn config(dir: &Path) -> PathBuf {
     p
 }
 
+/// Merges and the report last a few ms each: every unit of theirs pauses
+/// this long before its manifest (outputs already in place), so the kills
+/// aimed at them land even on a loaded machine.
+const PAUSES: &str = "merge=250,report=250";
+
 fn start(cfg: &Path, run: &Path) -> Child {
     selma()
+        .env("SELMA_FAULT_PAUSE_MS", PAUSES)
         .args(["run", cfg.to_str().unwrap(), "--run-dir"])
         .arg(run)
         .arg("-q")
@@ -321,9 +328,7 @@ fn sigkill_in_every_stage_then_resume_gives_the_uninterrupted_outputs() {
     let landed = chaos(&cfg, &run, 1, 20261203, startup);
     let by = report("one worker", &landed);
     assert!(landed.len() >= 20, "{landed:?}");
-    // The report stage lasts a few ms after the results: a kill lands there
-    // in about half the runs, so it is aimed at but not required.
-    for s in &STAGES[..5] {
+    for s in &STAGES {
         assert!(by.contains_key(s), "no kill landed in {s}: {by:?}");
     }
     assert_same(&outputs(&run), &want);
@@ -339,7 +344,7 @@ fn two_workers_killed_at_random_give_the_uninterrupted_outputs() {
     let landed = chaos(&cfg, &run, 2, 77, startup);
     let by = report("two workers", &landed);
     assert!(landed.len() >= 20, "{landed:?}");
-    for s in ["images", "train", "eval"] {
+    for s in ["images", "train", "merge", "eval"] {
         assert!(by.contains_key(s), "no kill landed in {s}: {by:?}");
     }
     assert_same(&outputs(&run), &want);

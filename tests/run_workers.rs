@@ -1,8 +1,8 @@
 //! Several `selma run` processes on one run directory, without `--shard`:
 //! they split the units (each unit is claimed before it runs, none is done
-//! by two workers), the result equals one process's, a stale claim of a
-//! dead worker is taken over, and a live one is waited for or, with
-//! `--no-wait`, left and named.
+//! by two workers), the result equals one process's, a claim file left by
+//! a dead worker is taken over (nobody holds its lock), and a live one is
+//! waited for or, with `--no-wait`, left and named.
 
 use crate::support;
 
@@ -177,24 +177,35 @@ fn stale_claims_are_taken_over_and_live_ones_waited_for() {
         .to_string();
     let claim = |stage: &str, unit: &str| run.join(format!(".selma/claims/{stage}/{unit}.claim"));
 
-    // A claim of a finished process: stale.
+    // A claim file left by a finished process: nobody holds its lock.
     let mut gone = Command::new("true").spawn().unwrap();
     let gone_pid = gone.id();
     gone.wait().unwrap();
     let stale = claim("prompts", "prompts-general");
     std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
-    std::fs::write(&stale, format!("{gone_pid} 0 {host}\n")).unwrap();
+    std::fs::write(&stale, format!("{gone_pid} {host}\n")).unwrap();
 
-    // A claim of a live process on the report: left with --no-wait.
-    let mut holder = Command::new("sleep").arg("60").spawn().unwrap();
-    let began: u64 = {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", holder.id())).unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 1..];
-        after.split_whitespace().nth(19).unwrap().parse().unwrap()
-    };
+    // A claim of a live process on the report (flock(1) holds the lock
+    // until it is killed; -o keeps the lock out of its child): left with
+    // --no-wait.
     let live = claim("report", "report");
     std::fs::create_dir_all(live.parent().unwrap()).unwrap();
-    std::fs::write(&live, format!("{} {began} {host}\n", holder.id())).unwrap();
+    let mut holder = Command::new("flock")
+        .args(["-o", live.to_str().unwrap(), "sleep", "60"])
+        .spawn()
+        .expect("flock(1) from util-linux");
+    std::fs::write(&live, format!("{} {host}\n", holder.id())).unwrap();
+    // Until flock has its lock, the file is free: wait for it.
+    let t0 = std::time::Instant::now();
+    while Command::new("flock")
+        .args(["-n", live.to_str().unwrap(), "true"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(t0.elapsed().as_secs() < 10, "flock(1) never took its lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     let out = finish(start(&cfg, &run, &["--no-wait"]));
     let ran = ran_units(&out);

@@ -1,58 +1,50 @@
 //! Claims: how several `selma run` processes share one run directory
 //! without `--shard` and never do a unit twice at the same time. A worker
-//! claims a unit by creating `.selma/claims/<stage>/<unit>.claim` as a hard
-//! link (atomic on local and NFS file systems), holding its pid, host
-//! and the process's start time; the claim is removed when the unit is
-//! finished or abandoned (the guard drops, also on error). A claim whose
-//! process is gone (same host: no such pid, or a pid reused by a later
-//! process) is stale and taken over. Claims from other hosts are taken as
-//! live: on a cluster a dead node's claims are removed by deleting the file
-//! (the message names it).
+//! claims a unit by holding an exclusive `flock(2)` on
+//! `.selma/claims/<stage>/<unit>.claim`, into which it writes its pid and
+//! host (for messages only). The kernel (on NFS, the server's lock
+//! manager) releases the lock when its process dies, so a dead worker's
+//! claim is free at once and no staleness has to be judged; the file is
+//! removed when the unit is finished or abandoned (the guard drops, also
+//! on error). A worker that locks a file someone has just removed finds
+//! that the name no longer points at its file and tries again, so two
+//! workers never both hold one unit.
 
 use anyhow::{Context, Result};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// Who holds a claim.
+/// Who holds a claim (as its file says).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
     /// Its process id.
     pub pid: u32,
     /// Its host name.
     pub host: String,
-    /// The process's start time (clock ticks since boot, from /proc), 0 if unknown.
-    pub start: u64,
 }
 
 impl Holder {
     /// This process.
     pub fn me() -> Self {
-        let pid = std::process::id();
         Self {
-            pid,
+            pid: std::process::id(),
             host: host_name(),
-            start: process_start(pid).unwrap_or(0),
         }
     }
     fn to_line(&self) -> String {
-        format!("{} {} {}\n", self.pid, self.start, self.host)
+        format!("{} {}\n", self.pid, self.host)
     }
+    /// Reads `pid host`; claims of older versions (`pid start host`) too.
     fn parse(text: &str) -> Option<Self> {
-        let mut it = text.trim().splitn(3, ' ');
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let pid = fields.first()?.parse().ok()?;
         Some(Self {
-            pid: it.next()?.parse().ok()?,
-            start: it.next()?.parse().ok()?,
-            host: it.next()?.to_string(),
+            pid,
+            host: fields.last().filter(|_| fields.len() >= 2)?.to_string(),
         })
-    }
-    /// Is the holder still running? (Other hosts' holders count as alive.)
-    pub fn alive(&self) -> bool {
-        if self.host != host_name() {
-            return true;
-        }
-        match process_start(self.pid) {
-            None => false,
-            Some(s) => self.start == 0 || s == self.start,
-        }
     }
 }
 
@@ -72,33 +64,19 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// A process's start time in clock ticks since boot (field 22 of
-/// `/proc/<pid>/stat`); None when there is no such process.
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// A held claim; dropping it releases the unit.
+/// A held claim; dropping it removes the file and releases the lock.
 #[derive(Debug)]
 pub struct Guard {
     path: PathBuf,
-    me: Holder,
+    // Closing it releases the lock (after the file is removed).
+    _file: File,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        // Remove it only while it is still ours (never another worker's
-        // claim that replaced a stale one).
-        let ours = std::fs::read_to_string(&self.path)
-            .ok()
-            .and_then(|t| Holder::parse(&t))
-            .is_some_and(|h| h == self.me);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        // Removed while locked: a worker that opened the old file before
+        // this and locks it next sees that the name is gone, and retries.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -107,58 +85,52 @@ impl Drop for Guard {
 pub enum Outcome {
     /// The claim is ours.
     Claimed(Guard),
-    /// A live worker holds it.
-    Held(Holder, PathBuf),
+    /// A live worker holds it (None: it has not written its name yet).
+    Held(Option<Holder>, PathBuf),
 }
 
-/// Claims the unit whose claim file is `path`, taking over a stale claim.
+/// Claims the unit whose claim file is `path` without waiting.
 pub fn try_claim(path: &Path) -> Result<Outcome> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let me = Holder::me();
-    // The claim is written in full to a temp file, then hard-linked to its
-    // name (atomic, fails if the name exists): nobody sees a claim half written.
-    let tmp = selma_io::temp_path(path)?;
-    std::fs::write(&tmp, me.to_line())
-        .with_context(|| format!("writing the claim {}", tmp.display()))?;
-    let out = claim_via(&tmp, path, &me);
-    let _ = std::fs::remove_file(&tmp);
-    out
-}
-
-fn claim_via(tmp: &Path, path: &Path, me: &Holder) -> Result<Outcome> {
-    for _ in 0..3 {
-        match std::fs::hard_link(tmp, path) {
-            Ok(()) => {
-                return Ok(Outcome::Claimed(Guard {
-                    path: path.to_path_buf(),
-                    me: me.clone(),
-                }));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+    for _ in 0..8 {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("opening the claim {}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
                 let text = std::fs::read_to_string(path).unwrap_or_default();
-                match Holder::parse(&text) {
-                    Some(h) if &h == me => {
-                        // Left by this very process (a unit claimed twice
-                        // in one invocation): still ours.
-                        return Ok(Outcome::Claimed(Guard {
-                            path: path.to_path_buf(),
-                            me: me.clone(),
-                        }));
-                    }
-                    Some(h) if h.alive() => return Ok(Outcome::Held(h, path.to_path_buf())),
-                    // Stale, or unreadable (not written by selma): take
-                    // it over (if another worker removed it first,
-                    // the next attempt's create_new decides).
-                    _ => {
-                        let _ = std::fs::remove_file(path);
-                    }
-                }
+                return Ok(Outcome::Held(Holder::parse(&text), path.to_path_buf()));
             }
-            Err(e) => {
-                return Err(e).with_context(|| format!("creating the claim {}", path.display()))
-            }
+            return Err(e).with_context(|| {
+                format!(
+                    "locking the claim {} (the file system must support flock; \
+                     use --shard i/n where it does not)",
+                    path.display()
+                )
+            });
         }
+        // Is the name still this file? (Its holder may have finished and
+        // removed it between our open and our lock.)
+        let mine = file.metadata()?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.ino() == mine.ino() && now.dev() == mine.dev() => {}
+            _ => continue,
+        }
+        file.set_len(0)
+            .and_then(|()| file.write_all(Holder::me().to_line().as_bytes()))
+            .with_context(|| format!("writing the claim {}", path.display()))?;
+        return Ok(Outcome::Claimed(Guard {
+            path: path.to_path_buf(),
+            _file: file,
+        }));
     }
     anyhow::bail!(
         "cannot claim {}: other workers keep replacing it",
@@ -170,60 +142,69 @@ fn claim_via(tmp: &Path, path: &Path, me: &Holder) -> Result<Outcome> {
 mod tests {
     use super::*;
 
+    fn claimed(p: &Path) -> Guard {
+        match try_claim(p).unwrap() {
+            Outcome::Claimed(g) => g,
+            o => panic!("{o:?}"),
+        }
+    }
+
     #[test]
     fn one_claim_at_a_time_released_on_drop() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("c/u.claim");
-        let g = match try_claim(&p).unwrap() {
-            Outcome::Claimed(g) => g,
+        let g = claimed(&p);
+        assert_eq!(
+            Holder::parse(&std::fs::read_to_string(&p).unwrap()),
+            Some(Holder::me())
+        );
+        // A second claim (another thread of this process, or another
+        // process) is refused while the first is held, and names it.
+        match try_claim(&p).unwrap() {
+            Outcome::Held(Some(h), _) => assert_eq!(h, Holder::me()),
             o => panic!("{o:?}"),
-        };
-        assert!(p.is_file());
+        }
         drop(g);
         assert!(!p.exists());
+        drop(claimed(&p));
     }
 
     #[test]
-    fn a_live_holder_keeps_its_claim_and_a_dead_one_loses_it() {
+    fn an_unlocked_file_is_free_whatever_it_says() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("u.claim");
-        // A live process of this host: our parent (pid 1 may be hidden in
-        // some sandboxes, but some process always has a start time).
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let live = Holder {
-            pid: child.id(),
-            host: host_name(),
-            start: process_start(child.id()).unwrap(),
-        };
-        std::fs::write(&p, live.to_line()).unwrap();
-        match try_claim(&p).unwrap() {
-            Outcome::Held(h, _) => assert_eq!(h, live),
-            o => panic!("{o:?}"),
+        // Left by a dead process (an old version's line), or garbage.
+        for text in ["4242 12345 somehost\n", "12", ""] {
+            std::fs::write(&p, text).unwrap();
+            drop(claimed(&p));
         }
-        // The same pid with another start time is a reused pid: stale.
-        let reused = Holder {
-            start: live.start + 1,
-            ..live.clone()
-        };
-        std::fs::write(&p, reused.to_line()).unwrap();
-        assert!(matches!(try_claim(&p).unwrap(), Outcome::Claimed(_)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        // A finished process is gone: its claim is taken over.
-        std::fs::write(&p, live.to_line()).unwrap();
-        assert!(matches!(try_claim(&p).unwrap(), Outcome::Claimed(_)));
-        // Garbage is stale too.
-        std::fs::write(&p, "12").unwrap();
-        assert!(matches!(try_claim(&p).unwrap(), Outcome::Claimed(_)));
-        // Another host's claim is not ours to judge.
-        let remote = Holder {
-            host: format!("{}-elsewhere", host_name()),
-            ..live
-        };
-        std::fs::write(&p, remote.to_line()).unwrap();
-        assert!(matches!(try_claim(&p).unwrap(), Outcome::Held(..)));
+        assert_eq!(
+            Holder::parse("4242 12345 somehost"),
+            Some(Holder {
+                pid: 4242,
+                host: "somehost".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_lock_on_a_removed_file_does_not_block_a_claim() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("u.claim");
+        // A racing worker opened the file, the holder finished (removing
+        // it), then the racer locked its stale descriptor: that lock holds
+        // no name, and the next claim makes a fresh file.
+        let g = claimed(&p);
+        let old = std::fs::File::open(&p).unwrap();
+        let old_ino = old.metadata().unwrap().ino();
+        drop(g);
+        // SAFETY: flock on a descriptor the test owns.
+        assert_eq!(
+            unsafe { libc::flock(old.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+            0
+        );
+        let g = claimed(&p);
+        assert_ne!(std::fs::metadata(&p).unwrap().ino(), old_ino);
+        drop(g);
     }
 }

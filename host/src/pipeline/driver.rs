@@ -85,7 +85,8 @@ impl Pending {
             .join(format!("{}.claim", file_safe(&name)));
         match claim::try_claim(&path)? {
             Outcome::Held(h, path) => Ok(Acquired::Busy(format!(
-                "claimed by another worker ({h}; if it is gone, remove {})",
+                "claimed by another worker ({}; its lock on {} is released when it exits)",
+                h.map_or_else(|| "starting".to_string(), |h| h.to_string()),
                 path.display()
             ))),
             Outcome::Claimed(g) => {
@@ -101,6 +102,7 @@ impl Pending {
     /// Writes the unit's finished manifest (after its outputs are in place).
     /// Needs only the run directory, so worker threads can commit their unit.
     pub fn commit(&self, dir: &RunDir, output: &str, counts: Counts) -> Result<Manifest> {
+        fault_pause(self.unit.stage().name());
         let m = self.manifest(output, true, counts);
         dir.write_manifest(&m)?;
         Ok(m)
@@ -119,6 +121,26 @@ impl Pending {
             done,
             counts,
         }
+    }
+}
+
+/// Fault injection for the chaos tests: `SELMA_FAULT_PAUSE_MS=merge=40,report=40`
+/// sleeps that long before each unit of those stages records that it is
+/// done (its outputs already in place), so a kill aimed at a stage that
+/// lasts a few ms lands in it, in the window between outputs and manifest.
+fn fault_pause(stage: &str) {
+    static PAUSES: std::sync::OnceLock<HashMap<String, u64>> = std::sync::OnceLock::new();
+    let pauses = PAUSES.get_or_init(|| {
+        let text = std::env::var("SELMA_FAULT_PAUSE_MS").unwrap_or_default();
+        text.split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.trim().to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    });
+    if let Some(ms) = pauses.get(stage) {
+        std::thread::sleep(std::time::Duration::from_millis(*ms));
     }
 }
 
