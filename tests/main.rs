@@ -4,6 +4,7 @@
 
 mod support;
 
+mod fuzz;
 mod generate;
 mod merge;
 mod plugins_cli;

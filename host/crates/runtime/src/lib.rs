@@ -154,7 +154,15 @@ pub(crate) struct Shared {
     pub(crate) llm_grants: Vec<String>,
     pub(crate) device: Device,
     log_to_stderr: bool,
-    logs: Mutex<Vec<LogLine>>,
+    logs: Mutex<Logs>,
+}
+
+/// The log lines kept between drains, and how many past the cap each
+/// plugin lost.
+#[derive(Default)]
+struct Logs {
+    lines: Vec<LogLine>,
+    dropped: std::collections::BTreeMap<String, usize>,
 }
 
 impl Shared {
@@ -169,8 +177,10 @@ impl Shared {
             eprintln!("[{}] {level}: {}", line.plugin, line.message);
         }
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        if logs.len() < MAX_LOG_LINES {
-            logs.push(line);
+        if logs.lines.len() < MAX_LOG_LINES {
+            logs.lines.push(line);
+        } else {
+            *logs.dropped.entry(line.plugin).or_default() += 1;
         }
     }
 }
@@ -245,7 +255,7 @@ impl Runtime {
             llm_grants: cfg.llm_grants,
             device: cfg.device,
             log_to_stderr: cfg.log_to_stderr,
-            logs: Mutex::new(Vec::new()),
+            logs: Mutex::new(Logs::default()),
         });
         Ok(Runtime {
             inner: Arc::new(Inner {
@@ -272,16 +282,28 @@ impl Runtime {
         self.inner.cache_dir.as_deref()
     }
 
-    /// Take the log lines plugins wrote so far.
+    /// Take the log lines plugins wrote so far. At most 100,000 are kept
+    /// between drains; past that, each plugin that lost lines gets one
+    /// warning line at the end saying how many.
     pub fn drain_logs(&self) -> Vec<LogLine> {
-        std::mem::take(
-            &mut *self
-                .inner
-                .shared
-                .logs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        )
+        let mut logs = self
+            .inner
+            .shared
+            .logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Logs { mut lines, dropped } = std::mem::take(&mut *logs);
+        for (plugin, n) in dropped {
+            lines.push(LogLine {
+                message: format!(
+                    "{n} further log line(s) dropped: the host keeps at most {MAX_LOG_LINES} \
+                     between drains"
+                ),
+                plugin,
+                level: LogLevel::Warn,
+            });
+        }
+        lines
     }
 
     /// Load a skill plugin (bundled name or `.wasm` path).

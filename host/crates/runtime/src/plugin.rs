@@ -242,6 +242,21 @@ impl<W: World> Sandbox<W> {
         } else if let Some(p) = panic_message(&output) {
             format!("panicked: {p}")
         } else if let Some(t) = trap {
+            let t = match t {
+                Trap::StackOverflow => {
+                    "stack overflow: the wasm call stack is exhausted (unbounded or too deep \
+                     recursion)"
+                        .to_string()
+                }
+                // Rust and C guests keep their stack in linear memory below
+                // the data; running out of it wraps the stack pointer past
+                // the memory's end. Safe Rust cannot reach this otherwise.
+                Trap::MemoryOutOfBounds => "out of bounds memory access, most likely a stack \
+                     overflow (unbounded or too deep recursion overruns the guest's shadow \
+                     stack, 1 MiB in Rust's default)"
+                    .to_string(),
+                t => t.to_string(),
+            };
             let tail = tail(&output, 2000);
             if tail.is_empty() {
                 format!("trapped: {t}")
@@ -381,6 +396,7 @@ fn convert_metadata(m: wt::Metadata, origin: &str) -> Result<Metadata> {
             m.name
         );
     }
+    check_metadata_sizes(&m, origin)?;
     let mut params = Vec::with_capacity(m.params.len());
     for p in m.params {
         if p.name.is_empty() || params.iter().any(|q: &ParamSpec| q.name == p.name) {
@@ -405,6 +421,51 @@ fn convert_metadata(m: wt::Metadata, origin: &str) -> Result<Metadata> {
         help: m.help,
         params,
     })
+}
+
+/// Caps on what a plugin's metadata may hold (`plugins inspect` prints
+/// it, every run hashes it): (field, limit in bytes or items).
+pub const METADATA_LIMITS: [(&str, usize); 6] = [
+    ("version", 64),
+    ("description", 1024),
+    ("help", 64 * 1024),
+    ("params", 256),
+    ("param help", 4096),
+    ("param default", 4096),
+];
+
+fn check_metadata_sizes(m: &wt::Metadata, origin: &str) -> Result<()> {
+    let text_default = |v: &wt::ParamValue| match v {
+        wt::ParamValue::Text(t) => t.len(),
+        _ => 0,
+    };
+    let sizes = [
+        m.version.len(),
+        m.description.len(),
+        m.help.len(),
+        m.params.len(),
+        m.params.iter().map(|p| p.help.len()).max().unwrap_or(0),
+        m.params
+            .iter()
+            .map(|p| text_default(&p.default))
+            .max()
+            .unwrap_or(0),
+    ];
+    for ((field, cap), got) in METADATA_LIMITS.iter().zip(sizes) {
+        if got > *cap {
+            let (got, cap) = if *field == "params" {
+                (format!("{got} parameters"), format!("{cap}"))
+            } else {
+                (fmt_bytes(got), fmt_bytes(*cap))
+            };
+            bail!(
+                "plugin \"{}\" ({origin}): metadata: invalid return: {field} of {got} exceeds \
+                 the limit of {cap}",
+                m.name
+            );
+        }
+    }
+    Ok(())
 }
 
 fn strings_bytes(v: &[String]) -> usize {
@@ -806,5 +867,57 @@ mod tests {
             Some("boom: 42 (at src/lib.rs:12:5)")
         );
         assert_eq!(panic_message("no panic here"), None);
+    }
+
+    fn meta() -> wt::Metadata {
+        wt::Metadata {
+            name: "big-talker".into(),
+            version: "0.1.0".into(),
+            kind: wt::PluginKind::PromptFilter,
+            description: "a filter".into(),
+            help: String::new(),
+            params: vec![wt::ParamSpec {
+                name: "k".into(),
+                default: wt::ParamValue::Text("x".into()),
+                help: "a knob".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn oversized_metadata_is_an_error_naming_the_plugin_and_field() {
+        assert!(convert_metadata(meta(), "big.wasm").is_ok());
+        type Edit = fn(&mut wt::Metadata);
+        let cases: [(&str, Edit); 6] = [
+            ("version of 65 bytes", |m| m.version = "1".repeat(65)),
+            ("description of 10 MiB exceeds the limit of 1 KiB", |m| {
+                m.description = "x".repeat(10 << 20)
+            }),
+            ("help of 65537 bytes", |m| {
+                m.help = "h".repeat(64 * 1024 + 1)
+            }),
+            ("params of 257 parameters exceeds the limit of 256", |m| {
+                let p = m.params[0].clone();
+                m.params = (0..257)
+                    .map(|i| wt::ParamSpec {
+                        name: format!("k{i}"),
+                        ..p.clone()
+                    })
+                    .collect();
+            }),
+            ("param help of", |m| m.params[0].help = "h".repeat(5000)),
+            ("param default of", |m| {
+                m.params[0].default = wt::ParamValue::Text("d".repeat(5000))
+            }),
+        ];
+        for (want, edit) in cases {
+            let mut m = meta();
+            edit(&mut m);
+            let e = convert_metadata(m, "big.wasm").unwrap_err().to_string();
+            assert!(
+                e.contains("plugin \"big-talker\" (big.wasm)") && e.contains(want),
+                "{want}: {e}"
+            );
+        }
     }
 }

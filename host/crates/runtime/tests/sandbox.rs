@@ -372,6 +372,94 @@ fn imports_log_random_and_llm_follow_seed_and_grants() {
     );
 }
 
+/// A flood of host calls in one call (150,000 log lines and random
+/// draws) finishes within the deadline; the log keeps 100,000 lines and
+/// says how many it dropped, naming the plugin; the next call works. A
+/// flood without end is stopped by the deadline.
+#[test]
+fn a_flood_of_host_calls_is_bounded_and_the_log_cap_is_announced() {
+    let wasm = test_plugin("hostile-probe");
+    let cache = tempfile::tempdir().unwrap();
+    let rt = Runtime::new(RuntimeConfig {
+        cache_dir: Some(cache.path().to_path_buf()),
+        call_timeout: Duration::from_secs(20),
+        log_to_stderr: false,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let skill = selma_runtime::SkillInfo {
+        id: "s".into(),
+        description: "s".into(),
+        seeds: vec![],
+        rules: selma_runtime::Rules {
+            max_words: 30,
+            constraints: vec![],
+            instruction: "write".into(),
+        },
+        templates: None,
+    };
+    let mut g = rt.generator(wasm.to_str().unwrap()).unwrap();
+    let flood = |g: &selma_runtime::GeneratorPlugin, n: &str| {
+        g.params(&[
+            ("use-llm".into(), "false".into()),
+            ("flood".into(), n.into()),
+        ])
+        .unwrap()
+    };
+    let p = flood(&g, "150000");
+    assert_eq!(g.generate(&skill, &[], 2, 0, &p).unwrap().len(), 2);
+    let logs = rt.drain_logs();
+    assert_eq!(logs.len(), 100_001, "kept lines plus one notice");
+    let last = logs.last().unwrap();
+    assert_eq!(last.plugin, "hostile-probe");
+    assert_eq!(last.level, selma_runtime::LogLevel::Warn);
+    assert!(
+        last.message
+            .starts_with("50001 further log line(s) dropped"),
+        "{}",
+        last.message
+    );
+    // Drained: the next call logs again, without a notice.
+    let p = flood(&g, "3");
+    g.generate(&skill, &[], 1, 0, &p).unwrap();
+    assert_eq!(rt.drain_logs().len(), 4);
+
+    // Without end (as good as): the deadline stops it, naming the plugin.
+    let short = Runtime::new(RuntimeConfig {
+        cache_dir: Some(cache.path().to_path_buf()),
+        call_timeout: Duration::from_millis(500),
+        log_to_stderr: false,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let mut g = short.generator(wasm.to_str().unwrap()).unwrap();
+    let p = flood(&g, "100000000000");
+    let err = g.generate(&skill, &[], 1, 0, &p).unwrap_err().to_string();
+    assert!(
+        err.contains("plugin \"hostile-probe\"") && err.contains("deadline"),
+        "{err}"
+    );
+    assert!(short.drain_logs().len() <= 100_001);
+    let p = flood(&g, "0");
+    assert_eq!(g.generate(&skill, &[], 1, 0, &p).unwrap().len(), 1);
+
+    // Unbounded recursion: reported as a stack overflow, naming the plugin;
+    // the next call works.
+    let p = g
+        .params(&[
+            ("use-llm".into(), "false".into()),
+            ("recurse".into(), "true".into()),
+        ])
+        .unwrap();
+    let err = g.generate(&skill, &[], 1, 0, &p).unwrap_err().to_string();
+    assert!(
+        err.contains("plugin \"hostile-probe\"") && err.contains("stack overflow"),
+        "{err}"
+    );
+    let p = flood(&g, "0");
+    assert_eq!(g.generate(&skill, &[], 1, 0, &p).unwrap().len(), 1);
+}
+
 /// Image-filter scores outside [0, 1] (and NaN) are errors naming the
 /// plugin, never clamped; a score inside passes through; the instance keeps
 /// working after a refused call.

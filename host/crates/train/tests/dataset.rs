@@ -164,3 +164,44 @@ fn resize_center_crop_and_flip() {
         .unwrap();
     assert_eq!(m.to_scalar::<f32>().unwrap(), 1.0);
 }
+
+#[test]
+fn entries_cannot_point_outside_the_dataset_folder() {
+    let outer = tempfile::tempdir().unwrap();
+    let d = outer.path().join("data");
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    png(&outer.path().join("secret.png"), 4, 4, |_, _| [9, 9, 9]);
+    png(&d.join("sub/ok.png"), 4, 4, |_, _| [1, 1, 1]);
+    let secret = outer.path().join("secret.png");
+    for bad in [
+        "../secret.png",
+        "sub/../../secret.png",
+        secret.to_str().unwrap(),
+        "",
+    ] {
+        std::fs::write(
+            d.join("metadata.jsonl"),
+            format!("{{\"file_name\": {bad:?}, \"text\": \"x\"}}\n"),
+        )
+        .unwrap();
+        let e = format!("{:#}", Dataset::open(&d, false).unwrap_err());
+        assert!(
+            e.contains("leaves the dataset folder") && e.contains("metadata.jsonl line 1"),
+            "{bad}: {e}"
+        );
+        std::fs::write(
+            d.join("pairs.jsonl"),
+            format!("{{\"text\": \"x\", \"winner\": \"sub/ok.png\", \"loser\": {bad:?}}}\n"),
+        )
+        .unwrap();
+        let e = format!("{:#}", Dataset::open_pairs(&d, false).unwrap_err());
+        assert!(e.contains("leaves the dataset folder"), "{bad}: {e}");
+    }
+    // A subfolder is fine (Hugging Face's imagefolder layout).
+    std::fs::write(
+        d.join("metadata.jsonl"),
+        "{\"file_name\": \"./sub/ok.png\", \"text\": \"x\"}\n",
+    )
+    .unwrap();
+    assert_eq!(Dataset::open(&d, false).unwrap().len(), 1);
+}

@@ -2,6 +2,9 @@
 //! from the seeded `random` source (param `use-llm = false`: returns
 //! `wanted` draws as strings) or asks the `llm` import for a numbered list
 //! built from the skill's seeds and the pool (`use-llm = true`, default).
+//! `flood = N` first makes N log calls and N random draws (a flood of host
+//! calls in one call). `recurse = true` recurses without end (each frame
+//! holds a 1 KiB array, as real code does), overrunning the stack.
 
 use selma_plugin_sdk::{
     llm, params, random, text, GenerateRequest, Metadata, Plugin, PluginKind, PromptGenerator,
@@ -17,18 +20,37 @@ impl Plugin for Probe {
             kind: PluginKind::PromptGenerator,
             description: "Probes the log, random and llm imports (test only).".into(),
             help: String::new(),
-            params: vec![params::boolean(
-                "use-llm",
-                true,
-                "ask the llm instead of drawing numbers",
-            )],
+            params: vec![
+                params::boolean("use-llm", true, "ask the llm instead of drawing numbers"),
+                params::integer("flood", 0, "log lines and random draws made first"),
+                params::boolean("recurse", false, "recurse without end"),
+            ],
         }
     }
 }
 
+/// Never returns: each frame keeps a 1 KiB array on the stack.
+fn deeper(depth: u64) -> u64 {
+    let mut frame = [0u8; 1024];
+    frame[(depth % 1024) as usize] = depth as u8;
+    let frame = std::hint::black_box(frame);
+    deeper(depth + 1) + frame[(depth * 7 % 1024) as usize] as u64
+}
+
 impl PromptGenerator for Probe {
     fn generate(req: GenerateRequest) -> Result<Vec<String>, String> {
+        if req.params.bool("recurse")? {
+            return Ok(vec![deeper(0).to_string()]);
+        }
         selma_plugin_sdk::log::info(format!("round {}, wanted {}", req.round, req.wanted));
+        let mut x = 0u64;
+        for i in 0..req.params.i64("flood")? {
+            selma_plugin_sdk::log::debug(format!("flood {i}"));
+            x ^= random::next_u64();
+        }
+        if x == 1 {
+            selma_plugin_sdk::log::info("a rare draw");
+        }
         if !req.params.bool("use-llm")? {
             return Ok((0..req.wanted)
                 .map(|_| random::next_u64().to_string())
