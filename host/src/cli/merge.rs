@@ -29,8 +29,10 @@ pub struct MergeArgs {
     /// One weight per file, comma-separated (default 1/K each).
     #[arg(long, value_delimiter = ',', value_name = "W,...")]
     pub weights: Option<Vec<f32>>,
-    /// A strategy parameter `key=value` (repeatable), e.g. density=0.2.
-    #[arg(long = "param", value_name = "KEY=VALUE")]
+    /// A strategy parameter (repeatable): `KEY=VALUE`, e.g. density=0.2, or
+    /// `STRATEGY.KEY=VALUE` as `selma prompts` and `plugins inspect` write it
+    /// (e.g. ties.density=0.2).
+    #[arg(long = "param", value_name = "[STRATEGY.]KEY=VALUE")]
     pub params: Vec<String>,
     /// Rank of the merged LoRA (see above for the default).
     #[arg(long, value_name = "R")]
@@ -56,21 +58,33 @@ pub struct MergeArgs {
     pub quiet: bool,
 }
 
-/// Split `key=value` parameters.
-fn parse_params(raw: &[String]) -> Result<Vec<(String, String)>> {
+/// Split `[strategy.]key=value` parameters; a prefix must be the
+/// strategy's name (`own`).
+fn parse_params(raw: &[String], own: &str) -> Result<Vec<(String, String)>> {
     raw.iter()
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-            _ => bail!("--param {p:?} is not KEY=VALUE (e.g. --param density=0.2)"),
+        .map(|p| {
+            let Some((k, v)) = p.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+                bail!("--param {p:?} is not KEY=VALUE (e.g. --param density=0.2)");
+            };
+            let k = k.trim();
+            let key = match k.split_once('.') {
+                Some((plugin, key)) if plugin == own && !key.is_empty() => key,
+                Some((plugin, _)) => bail!(
+                    "--param {p:?} names plugin {plugin:?}, but the strategy is {own:?}: \
+                     write {own}.KEY=VALUE or KEY=VALUE"
+                ),
+                None => k,
+            };
+            Ok((key.to_string(), v.to_string()))
         })
         .collect()
 }
 
 /// Run `selma merge`.
 pub fn run(args: MergeArgs) -> Result<()> {
-    let params = parse_params(&args.params)?;
     let inputs = load_inputs(&args.loras)?;
     let mut merger: Box<dyn LayerMerger> = if args.native {
+        let params = parse_params(&args.params, &args.strategy)?;
         Box::new(NativeMerger::new(&args.strategy, &params)?)
     } else {
         let runtime = Runtime::new(RuntimeConfig {
@@ -79,6 +93,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
             ..RuntimeConfig::default()
         })?;
         let plugin = runtime.merge_strategy(&args.strategy)?;
+        let params = parse_params(&args.params, plugin.name())?;
         Box::new(PluginMerger::new(plugin, &params)?)
     };
     let opts = MergeOptions {
@@ -101,4 +116,36 @@ pub fn run(args: MergeArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_take_an_optional_prefix_naming_the_strategy() {
+        let raw = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let want = vec![
+            ("density".to_string(), "0.2".to_string()),
+            ("k".to_string(), "a=b".to_string()),
+        ];
+        assert_eq!(
+            parse_params(&raw(&["density=0.2", "k=a=b"]), "ties").unwrap(),
+            want
+        );
+        assert_eq!(
+            parse_params(&raw(&["ties.density=0.2", "ties.k=a=b"]), "ties").unwrap(),
+            want
+        );
+        let e = parse_params(&raw(&["dare.density=0.2"]), "ties")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("names plugin \"dare\", but the strategy is \"ties\""),
+            "{e}"
+        );
+        for bad in ["density", "=1", "ties.=1"] {
+            assert!(parse_params(&raw(&[bad]), "ties").is_err(), "{bad}");
+        }
+    }
 }

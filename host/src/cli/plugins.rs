@@ -125,7 +125,8 @@ fn render_inspect(m: &Metadata) -> String {
         return s;
     }
     s.push_str(&format!(
-        "parameters (set with --param {}.NAME=VALUE):\n",
+        "parameters (set with --param {0}.NAME=VALUE on `selma prompts` and `selma merge`, \
+         or [params.{0}] NAME = VALUE in pipeline.toml):\n",
         m.name
     ));
     let rows: Vec<[String; 4]> = m
