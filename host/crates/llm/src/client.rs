@@ -256,7 +256,7 @@ impl LlmClient {
         }
         let response = match request.send_json(body) {
             Ok(r) => r,
-            Err(e) => return Err(classify_transport_error(&url, e)),
+            Err(e) => return Err(classify_transport_error(&url, e, self.config.timeout)),
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -329,7 +329,26 @@ fn normalise_endpoint(endpoint: &str) -> Result<String> {
 }
 
 /// Connection-level failures: refused, DNS, timeouts, resets.
-fn classify_transport_error(url: &str, e: ureq::Error) -> Failure {
+fn classify_transport_error(url: &str, e: ureq::Error, timeout: Duration) -> Failure {
+    if let ureq::Error::Timeout(_) = e {
+        return Failure::Retry {
+            error: anyhow!(
+                "LLM endpoint {url} timed out: no complete reply within {:.0?} (a stalled or \
+                 overloaded server; raise [llm] timeout_s if it is just slow)",
+                timeout
+            ),
+            retry_after: None,
+        };
+    }
+    if let ureq::Error::Protocol(_) = e {
+        return Failure::Retry {
+            error: anyhow!(
+                "LLM endpoint {url} did not answer in HTTP ({e}); is the URL that of an \
+                 OpenAI-compatible server?"
+            ),
+            retry_after: None,
+        };
+    }
     let retryable = matches!(
         e,
         ureq::Error::Io(_)
@@ -632,6 +651,120 @@ mod tests {
         let err = format!("{:#}", client.complete(&req()).unwrap_err());
         assert!(err.contains("malformed reply"), "{err}");
         assert!(err.contains("not JSON"), "{err}");
+    }
+
+    /// A raw TCP endpoint that reads each request, then misbehaves.
+    #[derive(Clone, Copy, Debug)]
+    enum Fault {
+        /// Holds the connection without answering.
+        Stall,
+        /// Promises 1000 bytes, sends 20, closes.
+        CutBody,
+        /// Answers bytes that are not HTTP.
+        Garbage,
+        /// A valid 200 reply whose body is 40 MiB.
+        Huge,
+    }
+
+    fn faulty(fault: Fault) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                std::thread::spawn(move || {
+                    // Read the head and the body it announces.
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        let Ok(n) = c.read(&mut chunk) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let Ok(n) = c.read(&mut chunk) else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let _ = match fault {
+                        Fault::Stall => {
+                            std::thread::sleep(Duration::from_secs(30));
+                            Ok(())
+                        }
+                        Fault::CutBody => c.write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                              content-length: 1000\r\n\r\n{\"choices\": [{\"te",
+                        ),
+                        Fault::Garbage => c.write_all(b"\x00\xff\x13 not http at all\r\n\r\n"),
+                        Fault::Huge => {
+                            let n = 40 << 20;
+                            let _ = c.write_all(
+                                format!(
+                                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                     content-length: {}\r\n\r\n{{\"choices\": [{{\"text\": \"",
+                                    n + 30
+                                )
+                                .as_bytes(),
+                            );
+                            let block = vec![b'a'; 1 << 20];
+                            let mut r = Ok(());
+                            for _ in 0..40 {
+                                r = c.write_all(&block);
+                                if r.is_err() {
+                                    break;
+                                }
+                            }
+                            r
+                        }
+                    };
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[test]
+    fn faulty_endpoints_fail_in_bounded_time_with_a_clear_error() {
+        for (fault, want) in [
+            (Fault::Stall, "timed out"),
+            (Fault::CutBody, "reading the reply"),
+            (Fault::Garbage, "did not answer in HTTP"),
+            (Fault::Huge, "reading the reply"),
+        ] {
+            let url = faulty(fault);
+            let mut cfg = fast(&url);
+            cfg.timeout = Duration::from_secs(1);
+            cfg.max_retries = 1;
+            let client = LlmClient::new(cfg).unwrap();
+            let t0 = Instant::now();
+            let err = format!("{:#}", client.complete(&req()).unwrap_err());
+            let took = t0.elapsed();
+            eprintln!("{fault:?} ({took:.1?}): {err}");
+            assert!(
+                took < Duration::from_secs(6),
+                "{fault:?} took {took:?}: {err}"
+            );
+            assert!(err.contains(&url) && err.contains(want), "{fault:?}: {err}");
+            assert!(
+                err.len() < 2000,
+                "{fault:?}: an error of {} bytes",
+                err.len()
+            );
+        }
     }
 
     #[test]
