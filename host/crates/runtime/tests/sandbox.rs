@@ -443,6 +443,21 @@ fn a_flood_of_host_calls_is_bounded_and_the_log_cap_is_announced() {
     let p = flood(&g, "0");
     assert_eq!(g.generate(&skill, &[], 1, 0, &p).unwrap().len(), 1);
 
+    // Files, environment, sockets, name lookup: every attempt is refused
+    // inside the sandbox (no preopened folder, no variables, no network).
+    let p = g
+        .params(&[
+            ("use-llm".into(), "false".into()),
+            ("escape".into(), "true".into()),
+        ])
+        .unwrap();
+    let got = g.generate(&skill, &[], 1, 0, &p).unwrap();
+    assert_eq!(got.len(), 9, "{got:?}");
+    for line in &got {
+        assert!(line.contains(": denied ("), "escaped: {line}");
+    }
+    eprintln!("escape attempts: {got:#?}");
+
     // Unbounded recursion: reported as a stack overflow, naming the plugin;
     // the next call works.
     let p = g

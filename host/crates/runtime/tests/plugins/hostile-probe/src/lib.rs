@@ -5,6 +5,8 @@
 //! `flood = N` first makes N log calls and N random draws (a flood of host
 //! calls in one call). `recurse = true` recurses without end (each frame
 //! holds a 1 KiB array, as real code does), overrunning the stack.
+//! `escape = true` tries the WASI file system, environment, sockets and
+//! name lookup, and returns what each attempt got.
 
 use selma_plugin_sdk::{
     llm, params, random, text, GenerateRequest, Metadata, Plugin, PluginKind, PromptGenerator,
@@ -24,9 +26,58 @@ impl Plugin for Probe {
                 params::boolean("use-llm", true, "ask the llm instead of drawing numbers"),
                 params::integer("flood", 0, "log lines and random draws made first"),
                 params::boolean("recurse", false, "recurse without end"),
+                params::boolean("escape", false, "try files, environment and network"),
             ],
         }
     }
+}
+
+/// One line per attempt: `what: ok ...` or `what: denied (error)`.
+fn escape() -> Vec<String> {
+    fn line<T: std::fmt::Debug, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> String {
+        match r {
+            Ok(v) => format!("{what}: ok {v:?}"),
+            Err(e) => format!("{what}: denied ({e})"),
+        }
+    }
+    use std::net::ToSocketAddrs;
+    vec![
+        line("read_dir /", std::fs::read_dir("/").map(|d| d.count())),
+        line(
+            "read /etc/passwd",
+            std::fs::read("/etc/passwd").map(|b| b.len()),
+        ),
+        line("read_dir .", std::fs::read_dir(".").map(|d| d.count())),
+        line("write x", std::fs::write("x", b"x")),
+        line(
+            "env",
+            if std::env::vars().count() == 0 {
+                Err("no variables")
+            } else {
+                Ok(std::env::vars().count())
+            },
+        ),
+        line(
+            "args",
+            if std::env::args().count() == 0 {
+                Err("no args")
+            } else {
+                Ok(std::env::args().count())
+            },
+        ),
+        line(
+            "tcp 127.0.0.1:22",
+            std::net::TcpStream::connect("127.0.0.1:22").map(|_| ()),
+        ),
+        line(
+            "udp bind",
+            std::net::UdpSocket::bind("0.0.0.0:0").map(|_| ()),
+        ),
+        line(
+            "lookup localhost",
+            "localhost:80".to_socket_addrs().map(|a| a.count()),
+        ),
+    ]
 }
 
 /// Never returns: each frame keeps a 1 KiB array on the stack.
@@ -39,6 +90,9 @@ fn deeper(depth: u64) -> u64 {
 
 impl PromptGenerator for Probe {
     fn generate(req: GenerateRequest) -> Result<Vec<String>, String> {
+        if req.params.bool("escape")? {
+            return Ok(escape());
+        }
         if req.params.bool("recurse")? {
             return Ok(vec![deeper(0).to_string()]);
         }
