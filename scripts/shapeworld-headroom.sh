@@ -14,6 +14,8 @@
 #   WORLD=v1|v2      the world BASE was pretrained on (the replay pool's captions; default v2)
 #   PROMPTS=N        tuning prompts per skill (default 200), PROMPT_SEED (default 77)
 #   STEPS=N          updates per expert (default 200)
+#   LR=X             learning rate (default 1e-4, the main job's)
+#   SKILLS="a b"     skills to measure (default: single count binding spatial)
 #   SELMA=BIN        use this selma binary instead of building one
 # Prints each skill's table and writes WORK_DIR/<skill>.json; the gate holds
 # when the experts' mean accuracy on their own skills beats the base's by
@@ -26,6 +28,8 @@ WORLD=${WORLD:-v2}
 PROMPTS=${PROMPTS:-200}
 PROMPT_SEED=${PROMPT_SEED:-77}
 STEPS=${STEPS:-200}
+LR=${LR:-1e-4}
+SKILLS=${SKILLS:-single count binding spatial}
 if [ -z "${SELMA:-}" ]; then
   cargo build --release -q -p selma
   SELMA=$PWD/target/release/selma
@@ -37,7 +41,7 @@ declare -A COUNT=([single]=20 [count]=96 [binding]=240 [spatial]=400)
 if [ ! -f "$WORK/replay/metadata.jsonl" ]; then
   "$SELMA" shapeworld render --world "$WORLD" --count 3000 --seed 77 --out "$WORK/replay" --overwrite
 fi
-for skill in single count binding spatial; do
+for skill in $SKILLS; do
   n=${COUNT[$skill]}
   data="$WORK/$skill.data"
   if [ ! -f "$data/metadata.jsonl" ]; then
@@ -59,7 +63,7 @@ PY
   fi
   if [ ! -f "$WORK/$skill.safetensors" ]; then
     "$SELMA" train --model "$BASE" --data "$data" --out "$WORK/$skill.safetensors" \
-      --rank 16 --alpha 16 --steps "$STEPS" --batch 16 --grad-accum 1 --lr 1e-4 \
+      --rank 16 --alpha 16 --steps "$STEPS" --batch 16 --grad-accum 1 --lr "$LR" \
       --lr-schedule cosine --resolution 32 --no-flip --caption-dropout 0.1 --ema-decay 0.99 \
       --save-every 50 --seed 0 > "$WORK/$skill.train.log" 2>&1
   fi
@@ -68,3 +72,23 @@ PY
     --prompts-per-skill "$PROMPTS" --prompt-seed "$PROMPT_SEED" --noise-seeds 11 --steps 15 \
     --out "$WORK/$skill.json" -q
 done
+
+# The gate's table: per skill base vs expert, then the mean over skills.
+python3 - "$WORK" $SKILLS <<'PY'
+import json, sys
+work, skills = sys.argv[1], sys.argv[2:]
+rows, base_sum, sft_sum = [], 0.0, 0.0
+for s in skills:
+    d = json.load(open(f"{work}/{s}.json"))
+    acc = {a["variant"]: a for a in d["accuracy"] if a["skill"] == s}
+    p = next(p for p in d["paired"] if p["skill"] == s)
+    base_sum += acc["base"]["mean"]; sft_sum += acc["truth"]["mean"]
+    rows.append(f"| {s} | {acc['base']['mean']:.3f} | {acc['truth']['mean']:.3f} | "
+                f"{p['diff']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}], +{p['better']}/-{p['worse']}, p={p['p_mcnemar']:.2g} |")
+n = len(skills)
+print("| skill | base | ground-truth SFT | change |\n|---|---|---|---|")
+print("\n".join(rows))
+gain = (sft_sum - base_sum) / n
+print(f"| mean | {base_sum / n:.3f} | {sft_sum / n:.3f} | {gain:+.3f} |")
+print(f"gate (mean gain >= +0.10): {'HOLDS' if gain >= 0.10 else 'FAILS'}")
+PY
