@@ -32,6 +32,15 @@ impl Plugin for Probe {
     }
 }
 
+/// Err(`none`) when `n` is 0, else Ok(n).
+fn none_or_count(n: usize, none: &'static str) -> Result<usize, &'static str> {
+    if n == 0 {
+        Err(none)
+    } else {
+        Ok(n)
+    }
+}
+
 /// One line per attempt: `what: ok ...` or `what: denied (error)`.
 fn escape() -> Vec<String> {
     fn line<T: std::fmt::Debug, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> String {
@@ -51,20 +60,9 @@ fn escape() -> Vec<String> {
         line("write x", std::fs::write("x", b"x")),
         line(
             "env",
-            if std::env::vars().count() == 0 {
-                Err("no variables")
-            } else {
-                Ok(std::env::vars().count())
-            },
+            none_or_count(std::env::vars().count(), "no variables"),
         ),
-        line(
-            "args",
-            if std::env::args().count() == 0 {
-                Err("no args")
-            } else {
-                Ok(std::env::args().count())
-            },
-        ),
+        line("args", none_or_count(std::env::args().count(), "no args")),
         line(
             "tcp 127.0.0.1:22",
             std::net::TcpStream::connect("127.0.0.1:22").map(|_| ()),
