@@ -382,13 +382,16 @@ fn imports_log_random_and_llm_follow_seed_and_grants() {
 fn floods_recursion_and_escape_attempts_are_contained() {
     let wasm = test_plugin("hostile-probe");
     let cache = tempfile::tempdir().unwrap();
-    let rt = Runtime::new(RuntimeConfig {
-        cache_dir: Some(cache.path().to_path_buf()),
-        call_timeout: Duration::from_secs(20),
-        log_to_stderr: false,
-        ..RuntimeConfig::default()
-    })
-    .unwrap();
+    let with_deadline = |d: Duration| {
+        Runtime::new(RuntimeConfig {
+            cache_dir: Some(cache.path().to_path_buf()),
+            call_timeout: d,
+            log_to_stderr: false,
+            ..RuntimeConfig::default()
+        })
+        .unwrap()
+    };
+    let rt = with_deadline(Duration::from_secs(20));
     let skill = selma_runtime::SkillInfo {
         id: "s".into(),
         description: "s".into(),
@@ -427,13 +430,7 @@ fn floods_recursion_and_escape_attempts_are_contained() {
     assert_eq!(rt.drain_logs().len(), 4);
 
     // Without end (as good as): the deadline stops it, naming the plugin.
-    let short = Runtime::new(RuntimeConfig {
-        cache_dir: Some(cache.path().to_path_buf()),
-        call_timeout: Duration::from_millis(500),
-        log_to_stderr: false,
-        ..RuntimeConfig::default()
-    })
-    .unwrap();
+    let short = with_deadline(Duration::from_millis(500));
     let mut g = short.generator(wasm.to_str().unwrap()).unwrap();
     let p = flood(&g, "100000000000");
     let err = g.generate(&skill, &[], 1, 0, &p).unwrap_err().to_string();
