@@ -436,3 +436,122 @@ fn shortfall_is_an_error_unless_partial_is_allowed() {
     check_ok(&out);
     assert_eq!(read_jsonl(&out_path).len(), 10);
 }
+
+/// A reply that depends only on the request's prompt and the choice index
+/// (FNV-1a of both picks the words), so a resumed run that sends the same
+/// requests as an unbroken one gets the same answers.
+fn reply_of(request: &selma_llm::test_server::RecordedRequest, index: u32) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in request.prompt_text().bytes().chain(index.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (0..5)
+        .map(|i| {
+            let k = (h >> (i * 12)) as usize & 0xfff;
+            format!(
+                "{}. a photo of {} by the {}",
+                i + 1,
+                word(k),
+                word(k + 4096)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn an_llm_failure_loses_no_accepted_prompt_and_the_rerun_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |server: &MockServer, out: &Path| {
+        let base = server.base_url();
+        selma(&[
+            "prompts",
+            "--skill",
+            "general",
+            "--generator",
+            "llm-fewshot",
+            "--filter",
+            "rouge-l",
+            "--count",
+            "60",
+            "--out",
+            out.to_str().unwrap(),
+            "--llm-endpoint",
+            &base,
+            "--llm-model",
+            "mock-model",
+            "--llm-timeout",
+            "1",
+            "--llm-retries",
+            "0",
+            "--quiet",
+        ])
+    };
+    // The unbroken run.
+    let healthy = MockServer::with_responder(reply_of);
+    let unbroken = dir.path().join("unbroken.jsonl");
+    check_ok(&run(&healthy, &unbroken));
+    let rounds = read_jsonl(&unbroken)
+        .iter()
+        .map(|r| r["round"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    let unbroken_requests = healthy.requests().len();
+    assert!(
+        rounds >= 2 && unbroken_requests > 6,
+        "the run must span several rounds and more than 6 requests: {rounds} rounds, \
+         {unbroken_requests} requests"
+    );
+
+    // The same job against a server that stalls past the timeout once, at
+    // its 6th request: the run fails and keeps what it had accepted.
+    let calls = Arc::new(Mutex::new(0usize));
+    let c = calls.clone();
+    let flaky = MockServer::with_responder(move |r, i| {
+        if i == 0 {
+            let mut n = c.lock().unwrap();
+            *n += 1;
+            if *n == 6 {
+                std::thread::sleep(std::time::Duration::from_millis(2500));
+            }
+        }
+        reply_of(r, i)
+    });
+    // Both servers must answer the same: the endpoint is part of the job,
+    // so the flaky run writes to its own file, compared at the end.
+    let out = dir.path().join("flaky.jsonl");
+    let partial = dir.path().join("flaky.jsonl.partial.json");
+    let first = run(&flaky, &out);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(!first.status.success(), "the stall must fail the run");
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(
+        stderr.contains("kept in") && stderr.contains("flaky.jsonl.partial.json"),
+        "{stderr}"
+    );
+    assert!(!out.exists() && partial.exists());
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&partial).unwrap()).unwrap();
+    let kept = saved["state"]["records"].as_array().unwrap().len();
+    assert!(kept > 0 && kept < 60, "{kept} prompts kept");
+
+    // The rerun resumes (no request for the rounds already done) and ends
+    // with the unbroken run's prompts, byte for byte.
+    let before = flaky.requests().len();
+    let second = run(&flaky, &out);
+    check_ok(&second);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("resuming at round"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&unbroken).unwrap()
+    );
+    assert!(
+        !partial.exists(),
+        "the checkpoint is removed once the output is written"
+    );
+    let resumed_requests = flaky.requests().len() - before;
+    assert!(
+        resumed_requests < unbroken_requests,
+        "{resumed_requests} requests after resuming, {unbroken_requests} unbroken"
+    );
+}

@@ -1,7 +1,7 @@
 //! `selma prompts`: generate prompts for one skill with a generator plugin
 //! and prompt filters, and write them to a JSON-lines file.
 
-use crate::prompts::{run_job, PromptsJob};
+use crate::prompts::{run_job, Checkpoint, PromptsJob};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -26,7 +26,10 @@ pub struct PromptsArgs {
     /// How many prompts to accept.
     #[arg(long, default_value_t = 1000)]
     pub count: usize,
-    /// Output file (JSON lines: text, skill, generator, round), written atomically.
+    /// Output file (JSON lines: text, skill, generator, round), written
+    /// atomically. Until it is written, the loop's state is kept in
+    /// OUT.partial.json after every round: a run that fails (an LLM that
+    /// stops answering) resumes there when run again with the same options.
     #[arg(long)]
     pub out: PathBuf,
     /// OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM,
@@ -97,9 +100,19 @@ pub fn run(args: PromptsArgs) -> Result<()> {
         seed: args.seed,
         llm,
         llm_grants: args.grant_llm,
+        checkpoint: None,
+    };
+    let checkpoint = Checkpoint {
+        path: checkpoint_path(&args.out),
+        key: crate::pipeline::store::hash_json(&job.identity()),
+    };
+    let job = PromptsJob {
+        checkpoint: Some(checkpoint.clone()),
+        ..job
     };
     let outcome = run_job(&job, !args.quiet)?;
     selma_io::write_jsonl(&args.out, &outcome.records)?;
+    checkpoint.remove()?;
     let s = &outcome.stats;
     eprintln!(
         "{} prompts written to {} ({} rounds, {} candidates, {} blank or duplicate, {} surplus)",
@@ -140,4 +153,11 @@ pub fn run(args: PromptsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where `selma prompts --out OUT` keeps its loop's state: `OUT.partial.json`.
+fn checkpoint_path(out: &std::path::Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial.json");
+    out.with_file_name(name)
 }

@@ -74,6 +74,12 @@ impl SplitMix64 {
         Self { state: seed }
     }
 
+    /// The stream's position: `SplitMix64::new(g.state())` continues exactly
+    /// where `g` is.
+    pub const fn state(&self) -> u64 {
+        self.state
+    }
+
     /// The next uniformly distributed u64.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -102,6 +102,16 @@ impl HostState {
         }
     }
 
+    /// The position of the plugin's `random` stream.
+    pub(crate) fn random_state(&self) -> u64 {
+        self.rng.state()
+    }
+
+    /// Continue the plugin's `random` stream from `state`.
+    pub(crate) fn set_random_state(&mut self, state: u64) {
+        self.rng = SplitMix64::new(state);
+    }
+
     /// Mark the start of a call: the deadline clock and the stderr offset.
     pub(crate) fn begin_call(&mut self) {
         self.call_started = Instant::now();

@@ -130,6 +130,9 @@ pub(crate) struct Sandbox<W: World> {
     /// before the metadata is known name this instead of the plugin.
     origin: String,
     loaded: bool,
+    /// Where the next fresh instance's `random` stream starts (None: at
+    /// the plugin's seed).
+    random_from: Option<u64>,
 }
 
 impl<W: World> Sandbox<W> {
@@ -163,6 +166,7 @@ impl<W: World> Sandbox<W> {
             meta: placeholder,
             origin: origin.to_string(),
             loaded: false,
+            random_from: None,
         };
         let raw = sb.call("metadata", |w: &W, store| w.metadata(store))?;
         let meta = convert_metadata(raw, origin)?;
@@ -188,7 +192,10 @@ impl<W: World> Sandbox<W> {
     }
 
     fn new_store(&self) -> Store<HostState> {
-        let state = HostState::new(&self.meta.name, self.inner.shared.clone());
+        let mut state = HostState::new(&self.meta.name, self.inner.shared.clone());
+        if let Some(r) = self.random_from {
+            state.set_random_state(r);
+        }
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(CHECK_TICKS);
@@ -228,6 +235,26 @@ impl<W: World> Sandbox<W> {
                 let (store, _) = self.live.take().expect("live");
                 Err(self.describe(e, store.data(), what))
             }
+        }
+    }
+
+    /// The position of the plugin's `random` stream: the live instance's,
+    /// else where a fresh instance would start.
+    fn random_state(&self) -> u64 {
+        match &self.live {
+            Some((store, _)) => store.data().random_state(),
+            None => self.random_from.unwrap_or_else(|| {
+                HostState::new(&self.meta.name, self.inner.shared.clone()).random_state()
+            }),
+        }
+    }
+
+    /// Continue the `random` stream from `state` (a value of `random_state`),
+    /// in the live instance and in any instance made after a trap.
+    fn set_random_state(&mut self, state: u64) {
+        self.random_from = Some(state);
+        if let Some((store, _)) = &mut self.live {
+            store.data_mut().set_random_state(state);
         }
     }
 
@@ -513,6 +540,18 @@ macro_rules! common_methods {
         /// Every parameter at its default.
         pub fn default_params(&self) -> Params {
             Params::defaults(&self.sb.meta)
+        }
+
+        /// The position of the plugin's `random` stream, to resume work
+        /// where it stopped ([`Self::set_random_state`]).
+        pub fn random_state(&self) -> u64 {
+            self.sb.random_state()
+        }
+
+        /// Continue the plugin's `random` stream from a position that
+        /// [`Self::random_state`] returned.
+        pub fn set_random_state(&mut self, state: u64) {
+            self.sb.set_random_state(state)
         }
     };
 }

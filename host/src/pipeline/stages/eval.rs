@@ -203,12 +203,18 @@ fn eval_prompts(d: &mut Driver) -> Result<()> {
         else {
             continue;
         };
+        // Generated held-out prompts keep their loop's state here until written.
+        let checkpoint = crate::prompts::Checkpoint {
+            path: path.with_extension("partial.json"),
+            key: p.input.clone(),
+        };
         let texts = match &s.eval_file {
             Some(f) => read_prompt_file(f)?,
             None => {
                 let train: Vec<PromptRecord> = selma_io::read_jsonl(&plan.dir.prompts(&s.id))?;
                 let exclude: Vec<String> = train.into_iter().map(|r| r.text).collect();
-                let job = super::prompts::job(plan, s, seed, cfg.eval.prompts);
+                let mut job = super::prompts::job(plan, s, seed, cfg.eval.prompts);
+                job.checkpoint = Some(checkpoint.clone());
                 eprintln!("eval: held-out prompts for {}", s.id);
                 let out = crate::prompts::run_job_excluding(&job, &exclude, plan.opts.progress)
                     .with_context(|| format!("skill {}: generating held-out prompts", s.id))?;
@@ -231,6 +237,7 @@ fn eval_prompts(d: &mut Driver) -> Result<()> {
         };
         let rows: Vec<serde_json::Value> = texts.iter().map(|t| json!({"text": t})).collect();
         selma_io::write_jsonl(&path, &rows)?;
+        checkpoint.remove()?;
         let counts = Counts::from([("prompts".into(), texts.len() as f64)]);
         d.finish(p, &hash_file(&path)?, counts)?;
     }

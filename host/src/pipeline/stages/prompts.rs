@@ -2,7 +2,8 @@
 //! skill, generator and prompt-filter plugins with their parameters, the
 //! count, the round limit, the skill's seed and the LLM endpoint. Work: run
 //! the generator and filters until `count` prompts are accepted; outputs
-//! `<skill>/prompts.jsonl` and its stats. Any invocation may run it (it is
+//! `<skill>/prompts.jsonl` and its stats (the loop's state is kept in
+//! `<skill>/prompts.partial.json` until then). Any invocation may run it (it is
 //! deterministic), sharded or not.
 
 use crate::pipeline::driver::{Claim, Counts, Driver, Gate};
@@ -51,7 +52,12 @@ pub fn run(d: &mut Driver) -> Result<()> {
         else {
             continue;
         };
-        let job = job(plan, s, seed, s.count);
+        let mut job = job(plan, s, seed, s.count);
+        let checkpoint = crate::prompts::Checkpoint {
+            path: plan.dir.skill_dir(&s.id).join("prompts.partial.json"),
+            key: p.input.clone(),
+        };
+        job.checkpoint = Some(checkpoint.clone());
         eprintln!("prompts: {} ({} wanted)", s.id, s.count);
         let out = crate::prompts::run_job(&job, plan.opts.progress)
             .with_context(|| format!("skill {}: generating prompts", s.id))?;
@@ -75,6 +81,7 @@ pub fn run(d: &mut Driver) -> Result<()> {
             &plan.dir.skill_dir(&s.id).join("prompts.stats.json"),
             &out.stats,
         )?;
+        checkpoint.remove()?;
         let counts = Counts::from([
             ("prompts".into(), out.records.len() as f64),
             ("wanted".into(), s.count as f64),
@@ -110,5 +117,6 @@ pub fn job(plan: &Plan, s: &SkillPlan, seed: u64, count: usize) -> PromptsJob {
             .as_ref()
             .map(|l| l.grants.clone())
             .unwrap_or_default(),
+        checkpoint: None,
     }
 }

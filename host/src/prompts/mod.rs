@@ -3,8 +3,11 @@
 //! Owns: the round loop (a generator plugin proposes candidates, the host
 //! drops blanks and exact duplicates, each prompt filter judges the survivors
 //! in order against the pool = seeds + accepted prompts), its statistics, the
-//! atomic `prompts.jsonl` writer, and the glue that loads the plugins through
-//! `selma_runtime` and lends them the `selma_llm` client as their `llm`.
+//! loop's resumable state ([`LoopState`], saved after every round). The
+//! glue that loads the plugins and runs a whole job is in [`job`].
+
+mod job;
+pub use job::*;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -28,6 +31,13 @@ pub trait CandidateSource {
     fn name(&self) -> &str;
     /// Candidates for this round; `pool` is seeds + accepted prompts.
     fn generate(&mut self, pool: &[String], wanted: u32, round: u32) -> Result<Vec<String>>;
+    /// The position of its random stream, if it has one (saved with the
+    /// loop's state so a resumed loop draws what an unbroken one would).
+    fn random_state(&self) -> Option<u64> {
+        None
+    }
+    /// Continue its random stream from a position [`Self::random_state`] gave.
+    fn set_random_state(&mut self, _state: u64) {}
 }
 
 /// A judge of candidates (a prompt-filter plugin).
@@ -40,10 +50,16 @@ pub trait CandidateFilter {
         candidates: &[String],
         pool: &[String],
     ) -> Result<Vec<(bool, Option<String>)>>;
+    /// The position of its random stream, if it has one.
+    fn random_state(&self) -> Option<u64> {
+        None
+    }
+    /// Continue its random stream from a position [`Self::random_state`] gave.
+    fn set_random_state(&mut self, _state: u64) {}
 }
 
 /// How many prompts a filter turned down, and its most recent reason.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FilterStats {
     pub name: String,
     pub rejected: usize,
@@ -51,7 +67,7 @@ pub struct FilterStats {
 }
 
 /// What happened over the whole loop.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoopStats {
     /// Rounds run (generator calls).
     pub rounds: u32,
@@ -84,48 +100,61 @@ pub struct LoopOutcome {
     pub complete: bool,
 }
 
-/// Run rounds until `count` prompts are accepted or `max_rounds` have run.
-///
-/// `on_progress(accepted, round)` is called after every round.
-pub fn run_loop(
-    skill_id: &str,
-    seeds: &[String],
-    source: &mut dyn CandidateSource,
-    filters: &mut [&mut dyn CandidateFilter],
-    count: usize,
-    max_rounds: u32,
-    on_progress: &mut dyn FnMut(usize, u32),
-) -> Result<LoopOutcome> {
-    run_loop_excluding(
-        skill_id,
-        seeds,
-        &[],
-        source,
-        filters,
-        count,
-        max_rounds,
-        on_progress,
-    )
+/// What one loop is asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct LoopSpec<'a> {
+    /// The skill's id, written into each record.
+    pub skill_id: &'a str,
+    /// The skill's seed prompts: the pool starts with them.
+    pub seeds: &'a [String],
+    /// Prompts that count as already seen and are never accepted (held-out
+    /// evaluation prompts must not repeat training prompts).
+    pub exclude: &'a [String],
+    /// Prompts to accept.
+    pub count: usize,
+    /// Generator rounds before giving up.
+    pub max_rounds: u32,
 }
 
-/// [`run_loop`], also treating every prompt of `exclude` as already seen
-/// (held-out evaluation prompts that must not repeat training prompts).
-#[allow(clippy::too_many_arguments)]
-pub fn run_loop_excluding(
-    skill_id: &str,
-    seeds: &[String],
-    exclude: &[String],
+/// Where a loop stands after a round: everything needed to continue it
+/// exactly as if it had not stopped (saved by `selma prompts` and the
+/// pipeline after every round, so an LLM failure loses no accepted prompt).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Rounds finished.
+    pub round: u32,
+    /// Rounds in a row that added nothing.
+    pub idle_rounds: u32,
+    /// Prompts accepted so far, in order.
+    pub records: Vec<PromptRecord>,
+    /// Candidates seen and not accepted (turned down or surplus): their
+    /// repeats are dropped as duplicates.
+    pub turned_down: Vec<String>,
+    /// The statistics so far.
+    pub stats: LoopStats,
+    /// The random stream positions of the generator, then of each filter
+    /// (None for those without one).
+    pub random: Vec<Option<u64>>,
+}
+
+/// Run rounds until `spec.count` prompts are accepted or `spec.max_rounds`
+/// have run, starting from `resume` (a [`LoopState`] an earlier run of the
+/// same loop saved) when given.
+///
+/// `on_round(state)` is called after every round; an error it returns
+/// stops the loop.
+pub fn run_loop(
+    spec: &LoopSpec,
     source: &mut dyn CandidateSource,
     filters: &mut [&mut dyn CandidateFilter],
-    count: usize,
-    max_rounds: u32,
-    on_progress: &mut dyn FnMut(usize, u32),
+    resume: Option<LoopState>,
+    on_round: &mut dyn FnMut(&LoopState) -> Result<()>,
 ) -> Result<LoopOutcome> {
-    let mut pool: Vec<String> = seeds.iter().map(|s| s.trim().to_string()).collect();
+    let count = spec.count;
+    let mut pool: Vec<String> = spec.seeds.iter().map(|s| s.trim().to_string()).collect();
     let mut seen: HashSet<String> = pool.iter().cloned().collect();
-    seen.extend(exclude.iter().map(|s| s.trim().to_string()));
-    let mut records = Vec::new();
-    let mut stats = LoopStats {
+    seen.extend(spec.exclude.iter().map(|s| s.trim().to_string()));
+    let fresh_stats = LoopStats {
         filters: filters
             .iter()
             .map(|f| FilterStats {
@@ -135,21 +164,53 @@ pub fn run_loop_excluding(
             .collect(),
         ..Default::default()
     };
+    let mut st = match resume {
+        None => LoopState {
+            stats: fresh_stats,
+            ..Default::default()
+        },
+        Some(st) => {
+            let names: Vec<&str> = st.stats.filters.iter().map(|f| f.name.as_str()).collect();
+            let want: Vec<&str> = filters.iter().map(|f| f.name()).collect();
+            if names != want || st.random.len() != filters.len() + 1 {
+                bail!(
+                    "the saved loop state ran filters {names:?}, this loop runs {want:?}: it is \
+                     not this loop's"
+                );
+            }
+            if let Some(r) = st.random[0] {
+                source.set_random_state(r);
+            }
+            for (f, r) in filters.iter_mut().zip(&st.random[1..]) {
+                if let Some(r) = r {
+                    f.set_random_state(*r);
+                }
+            }
+            for r in &st.records {
+                pool.push(r.text.clone());
+                seen.insert(r.text.clone());
+            }
+            seen.extend(st.turned_down.iter().cloned());
+            st
+        }
+    };
     let generator = source.name().to_string();
-    let mut round = 0u32;
-    let mut idle_rounds = 0u32;
-    while records.len() < count && round < max_rounds {
-        let before = records.len();
-        let wanted = wanted_hint(count - records.len(), records.len(), stats.candidates);
+    while st.records.len() < count && st.round < spec.max_rounds {
+        let round = st.round;
+        let before = st.records.len();
+        let wanted = wanted_hint(count - before, before, st.stats.candidates);
         let raw = source
             .generate(&pool, wanted, round)
             .with_context(|| format!("generator {generator:?} failed in round {round}"))?;
+        let mut stats = st.stats.clone();
+        let mut turned_down = Vec::new();
         stats.rounds += 1;
         stats.candidates += raw.len();
         let mut candidates = Vec::with_capacity(raw.len());
+        let mut this_round = HashSet::new();
         for c in raw {
             let c = c.trim().to_string();
-            if c.is_empty() || !seen.insert(c.clone()) {
+            if c.is_empty() || seen.contains(&c) || !this_round.insert(c.clone()) {
                 stats.blank_or_duplicate += 1;
             } else {
                 candidates.push(c);
@@ -179,40 +240,55 @@ pub fn run_loop_excluding(
                     if reason.is_some() {
                         fstats.last_reason = reason;
                     }
+                    turned_down.push(c);
                 }
             }
             candidates = kept;
         }
+        // The round is complete: only now does it change the loop's state,
+        // so a failure inside a round leaves the state of the round before.
         for c in candidates {
-            if records.len() < count {
+            if st.records.len() < count {
                 pool.push(c.clone());
-                records.push(PromptRecord {
+                st.records.push(PromptRecord {
                     text: c,
-                    skill: skill_id.to_string(),
+                    skill: spec.skill_id.to_string(),
                     generator: generator.clone(),
                     round,
                 });
             } else {
                 stats.surplus += 1;
+                turned_down.push(c);
             }
         }
-        round += 1;
-        on_progress(records.len(), round);
-        idle_rounds = if records.len() == before {
-            idle_rounds + 1
+        for c in &turned_down {
+            seen.insert(c.clone());
+        }
+        for r in &st.records[before..] {
+            seen.insert(r.text.clone());
+        }
+        st.turned_down.extend(turned_down);
+        st.stats = stats;
+        st.round += 1;
+        st.idle_rounds = if st.records.len() == before {
+            st.idle_rounds + 1
         } else {
             0
         };
-        if idle_rounds >= STALL_ROUNDS && records.len() < count {
-            stats.stalled = true;
+        st.random = std::iter::once(source.random_state())
+            .chain(filters.iter().map(|f| f.random_state()))
+            .collect();
+        on_round(&st)?;
+        if st.idle_rounds >= STALL_ROUNDS && st.records.len() < count {
+            st.stats.stalled = true;
             break;
         }
     }
-    stats.accepted = records.len();
+    st.stats.accepted = st.records.len();
     Ok(LoopOutcome {
-        complete: records.len() >= count,
-        records,
-        stats,
+        complete: st.records.len() >= count,
+        records: st.records,
+        stats: st.stats,
     })
 }
 
@@ -231,278 +307,154 @@ fn wanted_hint(remaining: usize, accepted: usize, candidates: usize) -> u32 {
     want.clamp(remaining, cap).min(u32::MAX as usize) as u32
 }
 
-/// Lends a `selma_llm` client to plugins as their `llm` import.
-pub struct LlmClientBackend(pub selma_llm::LlmClient);
-
-impl selma_runtime::LlmBackend for LlmClientBackend {
-    fn complete(&self, req: &selma_runtime::CompletionRequest) -> Result<Vec<String>> {
-        self.0.complete(&selma_llm::CompletionRequest {
-            prompt: req.prompt.clone(),
-            system: req.system.clone(),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            max_tokens: req.max_tokens,
-            n: req.n,
-            stop: req.stop.clone(),
-        })
-    }
-}
-
-/// Everything `selma prompts` needs to produce one skill's prompts.
-#[derive(Clone, Debug)]
-pub struct PromptsJob {
-    /// Skill spec: a bundled name or a `.wasm` path.
-    pub skill: String,
-    /// Generator spec.
-    pub generator: String,
-    /// Filter specs, applied in order.
-    pub filters: Vec<String>,
-    /// `plugin.key=value` parameters; `plugin` is a plugin's name.
-    pub params: Vec<String>,
-    /// Prompts to accept.
-    pub count: usize,
-    /// Generator rounds before giving up.
-    pub max_rounds: u32,
-    /// Seed of the plugins' random source.
-    pub seed: u64,
-    /// The LLM endpoint; when set, the generator is granted the `llm` import.
-    pub llm: Option<selma_llm::LlmConfig>,
-    /// Further plugin names granted the `llm` import.
-    pub llm_grants: Vec<String>,
-}
-
-/// Split `plugin.key=value` parameters by plugin name; errors name the bad one.
-pub fn split_params(params: &[String]) -> Result<Vec<(String, String, String)>> {
-    params
-        .iter()
-        .map(|p| {
-            let (lhs, value) = p.split_once('=').with_context(|| {
-                format!("parameter {p:?} is not of the form plugin.key=value")
-            })?;
-            let (plugin, key) = lhs.split_once('.').with_context(|| {
-                format!("parameter {p:?} does not name its plugin: write plugin.key=value (e.g. rouge-l.threshold=0.7)")
-            })?;
-            if plugin.is_empty() || key.is_empty() {
-                bail!("parameter {p:?} is not of the form plugin.key=value");
-            }
-            Ok((plugin.to_string(), key.to_string(), value.to_string()))
-        })
-        .collect()
-}
-
-/// Whether a plugin spec names a file rather than a bundled plugin.
-fn is_path_spec(spec: &str) -> bool {
-    spec.ends_with(".wasm") || spec.contains('/') || spec.contains(std::path::MAIN_SEPARATOR)
-}
-
-/// This plugin's `(key, value)` pairs out of all parameters.
-fn params_for(all: &[(String, String, String)], plugin: &str) -> Vec<(String, String)> {
-    all.iter()
-        .filter(|(p, _, _)| p == plugin)
-        .map(|(_, k, v)| (k.clone(), v.clone()))
-        .collect()
-}
-
-struct GeneratorSource {
-    name: String,
-    plugin: selma_runtime::GeneratorPlugin,
-    skill: selma_runtime::SkillInfo,
-    params: selma_runtime::Params,
-    llm_granted: bool,
-}
-
-impl CandidateSource for GeneratorSource {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn generate(&mut self, pool: &[String], wanted: u32, round: u32) -> Result<Vec<String>> {
-        let out = self
-            .plugin
-            .generate(&self.skill, pool, wanted, round, &self.params);
-        match out {
-            Ok(v) => Ok(v),
-            Err(e) if !self.llm_granted => Err(e.context(
-                "no LLM endpoint was given: if this generator needs one, pass --llm-endpoint URL --llm-model MODEL \
-                 (any OpenAI-compatible server: vLLM, llama.cpp, Ollama), which grants it the llm, \
-                 or use the offline `template` generator",
-            )),
-            Err(e) => Err(e),
-        }
-    }
-}
-
-struct FilterJudge {
-    name: String,
-    plugin: selma_runtime::PromptFilterPlugin,
-    params: selma_runtime::Params,
-}
-
-impl CandidateFilter for FilterJudge {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn judge(
-        &mut self,
-        candidates: &[String],
-        pool: &[String],
-    ) -> Result<Vec<(bool, Option<String>)>> {
-        Ok(self
-            .plugin
-            .filter(candidates, pool, &self.params)?
-            .into_iter()
-            .map(|v| (v.keep, v.reason))
-            .collect())
-    }
-}
-
-/// Load the plugins of `job`, run the loop (with a progress bar when
-/// `progress`), and return the accepted prompts and stats.
-pub fn run_job(job: &PromptsJob, progress: bool) -> Result<LoopOutcome> {
-    run_job_excluding(job, &[], progress)
-}
-
-/// [`run_job`] where the prompts of `exclude` count as already seen (never accepted).
-pub fn run_job_excluding(
-    job: &PromptsJob,
-    exclude: &[String],
-    progress: bool,
-) -> Result<LoopOutcome> {
-    let params = split_params(&job.params)?;
-    let mut config = selma_runtime::RuntimeConfig {
-        seed: job.seed,
-        ..Default::default()
-    };
-    let llm_granted = job.llm.is_some();
-    config.llm_grants = job.llm_grants.clone();
-    if let Some(llm) = &job.llm {
-        // Grants are by plugin name; a .wasm file's name is in its metadata.
-        let name = if is_path_spec(&job.generator) {
-            let probe = selma_runtime::Runtime::new(config.clone())?;
-            probe
-                .inspect(&job.generator)
-                .with_context(|| format!("loading generator {:?}", job.generator))?
-                .name
-        } else {
-            job.generator.clone()
-        };
-        let client = selma_llm::LlmClient::new(llm.clone())
-            .context("configuring the LLM client (--llm-* options)")?;
-        config.llm = Some(std::sync::Arc::new(LlmClientBackend(client)));
-        config.llm_grants.push(name);
-    }
-    // Plugin logs go through the progress bar (see `forward_logs`).
-    config.log_to_stderr = false;
-    let runtime = selma_runtime::Runtime::new(config)?;
-
-    let mut skill_plugin = runtime
-        .skill(&job.skill)
-        .with_context(|| format!("loading skill {:?}", job.skill))?;
-    let skill = skill_plugin.info()?;
-    if skill.seeds.is_empty() {
-        bail!("skill {:?} has no seed prompts", skill.id);
-    }
-
-    let mut known = Vec::new();
-    let generator = runtime
-        .generator(&job.generator)
-        .with_context(|| format!("loading generator {:?}", job.generator))?;
-    let gen_name = generator.metadata().name.clone();
-    known.push(gen_name.clone());
-    let gen_params = generator.params(&params_for(&params, &gen_name))?;
-    let mut source = GeneratorSource {
-        name: gen_name,
-        plugin: generator,
-        skill: skill.clone(),
-        params: gen_params,
-        llm_granted,
-    };
-
-    let mut judges = Vec::new();
-    for spec in &job.filters {
-        let plugin = runtime
-            .prompt_filter(spec)
-            .with_context(|| format!("loading prompt filter {spec:?}"))?;
-        let name = plugin.metadata().name.clone();
-        known.push(name.clone());
-        let p = plugin.params(&params_for(&params, &name))?;
-        judges.push(FilterJudge {
-            name,
-            plugin,
-            params: p,
-        });
-    }
-    // Skills take no parameters at call time, but a typo should still fail.
-    let skill_name = skill_plugin.name().to_string();
-    skill_plugin.params(&params_for(&params, &skill_name))?;
-    known.push(skill_name);
-    for (plugin, key, _) in &params {
-        if !known.contains(plugin) {
-            bail!(
-                "parameter {plugin}.{key}: no loaded plugin is named {plugin:?} (loaded: {})",
-                known.join(", ")
-            );
-        }
-    }
-
-    let bar = if progress {
-        indicatif::ProgressBar::new(job.count as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} prompts ({elapsed})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(format!("{}: round 0", skill.id));
-    let skill_id = skill.id.clone();
-    let mut filters: Vec<&mut dyn CandidateFilter> = judges
-        .iter_mut()
-        .map(|j| j as &mut dyn CandidateFilter)
-        .collect();
-    let outcome = run_loop_excluding(
-        &skill_id,
-        &skill.seeds,
-        exclude,
-        &mut source,
-        &mut filters,
-        job.count,
-        job.max_rounds,
-        &mut |accepted, round| {
-            forward_logs(&runtime, &bar, progress);
-            bar.set_position(accepted as u64);
-            bar.set_message(format!("{skill_id}: round {round}"));
-        },
-    );
-    forward_logs(&runtime, &bar, progress);
-    bar.finish_and_clear();
-    outcome
-}
-
-/// Print the plugins' log lines above the progress bar: info and up, or
-/// only warnings and errors when `verbose` is off.
-fn forward_logs(runtime: &selma_runtime::Runtime, bar: &indicatif::ProgressBar, verbose: bool) {
-    use selma_runtime::LogLevel;
-    for line in runtime.drain_logs() {
-        let level = match line.level {
-            LogLevel::Debug => continue,
-            LogLevel::Info if !verbose => continue,
-            LogLevel::Info => "info",
-            LogLevel::Warn => "warn",
-            LogLevel::Error => "error",
-        };
-        let text = format!("[{}] {level}: {}", line.plugin, line.message);
-        if bar.is_hidden() {
-            eprintln!("{text}");
-        } else {
-            bar.println(text);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec<'a>(
+        skill_id: &'a str,
+        seeds: &'a [String],
+        exclude: &'a [String],
+        count: usize,
+        max_rounds: u32,
+    ) -> LoopSpec<'a> {
+        LoopSpec {
+            skill_id,
+            seeds,
+            exclude,
+            count,
+            max_rounds,
+        }
+    }
+
+    fn ok(_: &LoopState) -> Result<()> {
+        Ok(())
+    }
+
+    /// Draws candidates from its own random stream (a stand-in for a
+    /// plugin's host `random`), and fails in the given rounds.
+    struct Drawing {
+        rng: selma_rng::SplitMix64,
+        fail_in: Vec<u32>,
+    }
+
+    impl CandidateSource for Drawing {
+        fn name(&self) -> &str {
+            "drawing"
+        }
+        fn generate(&mut self, _: &[String], _: u32, round: u32) -> Result<Vec<String>> {
+            // Draw before failing, as a generator that fails mid-call does.
+            let out: Vec<String> = (0..6)
+                .map(|_| format!("prompt {}", self.rng.below(80)))
+                .collect();
+            if let Some(i) = self.fail_in.iter().position(|r| *r == round) {
+                self.fail_in.remove(i);
+                bail!("the endpoint stopped answering");
+            }
+            Ok(out)
+        }
+        fn random_state(&self) -> Option<u64> {
+            Some(self.rng.state())
+        }
+        fn set_random_state(&mut self, state: u64) {
+            self.rng = selma_rng::SplitMix64::new(state);
+        }
+    }
+
+    fn drawing(seed: u64) -> Drawing {
+        Drawing {
+            rng: selma_rng::SplitMix64::new(seed),
+            fail_in: vec![],
+        }
+    }
+
+    /// Rejects prompts whose number is a multiple of 3 (so some candidates
+    /// are turned down and must stay duplicates after a resume).
+    struct NoThrees;
+
+    impl CandidateFilter for NoThrees {
+        fn name(&self) -> &str {
+            "no-threes"
+        }
+        fn judge(&mut self, c: &[String], _: &[String]) -> Result<Vec<(bool, Option<String>)>> {
+            Ok(c.iter()
+                .map(|s| {
+                    let n: u64 = s.rsplit(' ').next().unwrap().parse().unwrap();
+                    (!n.is_multiple_of(3), None)
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn a_resumed_loop_ends_exactly_where_an_unbroken_one_does() {
+        let seeds = vec!["prompt 0".to_string()];
+        let spec = spec("s", &seeds, &[], 30, 100);
+        let unbroken =
+            run_loop(&spec, &mut drawing(9), &mut [&mut NoThrees], None, &mut ok).unwrap();
+        assert!(unbroken.complete && unbroken.stats.rounds > 3);
+
+        // Fails in round 3, after drawing; the state of round 2 was saved.
+        let mut saved = None;
+        let mut gen = Drawing {
+            rng: selma_rng::SplitMix64::new(9),
+            fail_in: vec![3],
+        };
+        let err = run_loop(&spec, &mut gen, &mut [&mut NoThrees], None, &mut |st| {
+            saved = Some(st.clone());
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("round 3"), "{err:#}");
+        let saved = saved.unwrap();
+        assert_eq!(saved.round, 3);
+        assert!(!saved.records.is_empty() && !saved.turned_down.is_empty());
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: LoopState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+
+        // A fresh generator (its stream at the seed) resumes from the file.
+        let resumed = run_loop(
+            &spec,
+            &mut drawing(9),
+            &mut [&mut NoThrees],
+            Some(back),
+            &mut ok,
+        )
+        .unwrap();
+        assert_eq!(resumed.records, unbroken.records);
+        assert_eq!(resumed.stats, unbroken.stats);
+
+        // Without the random state, the resumed loop would draw another
+        // stream and end elsewhere: the test can tell.
+        let mut no_random = saved.clone();
+        no_random.random = vec![None, None];
+        let drifted = run_loop(
+            &spec,
+            &mut drawing(9),
+            &mut [&mut NoThrees],
+            Some(no_random),
+            &mut ok,
+        )
+        .unwrap();
+        assert_ne!(drifted.stats, unbroken.stats);
+    }
+
+    #[test]
+    fn a_saved_state_of_other_filters_is_refused() {
+        let seeds = vec!["prompt 0".to_string()];
+        let spec = spec("s", &seeds, &[], 5, 10);
+        let mut saved = None;
+        run_loop(&spec, &mut drawing(1), &mut [], None, &mut |st| {
+            saved = Some(st.clone());
+            Ok(())
+        })
+        .unwrap();
+        let err = run_loop(&spec, &mut drawing(1), &mut [&mut NoThrees], saved, &mut ok)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-threes"), "{err}");
+    }
 
     /// Emits a fixed list per round.
     struct Scripted {
@@ -559,13 +511,14 @@ mod tests {
         let seeds = vec!["seed one".to_string(), "seed two".to_string()];
         let mut progress = vec![];
         let out = run_loop(
-            "s",
-            &seeds,
+            &spec("s", &seeds, &[], 4, 10),
             &mut gen,
             &mut [&mut bad, &mut ugly],
-            4,
-            10,
-            &mut |a, r| progress.push((a, r)),
+            None,
+            &mut |st| {
+                progress.push((st.records.len(), st.round));
+                Ok(())
+            },
         )
         .unwrap();
         let texts: Vec<&str> = out.records.iter().map(|r| r.text.as_str()).collect();
@@ -601,8 +554,14 @@ mod tests {
             wanted: vec![],
         };
         let exclude = vec!["a dog".to_string(), " a bird ".to_string()];
-        let out = run_loop_excluding("s", &[], &exclude, &mut gen, &mut [], 3, 2, &mut |_, _| {})
-            .unwrap();
+        let out = run_loop(
+            &spec("s", &[], &exclude, 3, 2),
+            &mut gen,
+            &mut [],
+            None,
+            &mut ok,
+        )
+        .unwrap();
         let texts: Vec<&str> = out.records.iter().map(|r| r.text.as_str()).collect();
         assert_eq!(texts, ["a cat", "a cow"]);
         assert_eq!(out.stats.blank_or_duplicate, 2);
@@ -617,7 +576,7 @@ mod tests {
             seen_pools: vec![],
             wanted: vec![],
         };
-        let out = run_loop("s", &[], &mut gen, &mut [], 5, 2, &mut |_, _| {}).unwrap();
+        let out = run_loop(&spec("s", &[], &[], 5, 2), &mut gen, &mut [], None, &mut ok).unwrap();
         assert!(!out.complete);
         assert_eq!(out.records.len(), 1);
         assert_eq!(out.stats.rounds, 2);
@@ -632,7 +591,14 @@ mod tests {
             seen_pools: vec![],
             wanted: vec![],
         };
-        let out = run_loop("s", &[], &mut gen, &mut [], 5, 100, &mut |_, _| {}).unwrap();
+        let out = run_loop(
+            &spec("s", &[], &[], 5, 100),
+            &mut gen,
+            &mut [],
+            None,
+            &mut ok,
+        )
+        .unwrap();
         assert!(out.stats.stalled && !out.complete);
         assert_eq!(out.stats.rounds, 1 + STALL_ROUNDS);
         assert_eq!(out.records.len(), 2);
@@ -654,9 +620,15 @@ mod tests {
             seen_pools: vec![],
             wanted: vec![],
         };
-        let err = run_loop("s", &[], &mut gen, &mut [&mut Short], 1, 1, &mut |_, _| {})
-            .unwrap_err()
-            .to_string();
+        let err = run_loop(
+            &spec("s", &[], &[], 1, 1),
+            &mut gen,
+            &mut [&mut Short],
+            None,
+            &mut ok,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("\"short\"") && err.contains("0 verdicts"),
             "{err}"
