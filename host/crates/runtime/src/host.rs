@@ -67,6 +67,8 @@ pub(crate) struct HostState {
     stdio_mark: usize,
     rng: SplitMix64,
     tensor_bytes: usize,
+    /// Host tensors and images in the table.
+    handles: usize,
     /// When the current call started (for the deadline).
     pub(crate) call_started: Instant,
     /// Time spent this call waiting on slow host services (the LLM), which
@@ -97,6 +99,7 @@ impl HostState {
             stdio_mark: 0,
             rng: SplitMix64::new(seed),
             tensor_bytes: 0,
+            handles: 0,
             call_started: Instant::now(),
             host_wait: Duration::ZERO,
         }
@@ -130,7 +133,21 @@ impl HostState {
         self.call_started.elapsed().saturating_sub(self.host_wait)
     }
 
-    /// Put a host-made tensor into the table, within the tensor budget.
+    /// Count one more handle, within the handle cap.
+    fn take_handle(&mut self) -> Result<(), String> {
+        let cap = self.shared.limits.max_handles;
+        if self.handles >= cap {
+            return Err(format!(
+                "host handle limit of {cap} live tensors and images exceeded (drop the tensors \
+                 you no longer need)"
+            ));
+        }
+        self.handles += 1;
+        Ok(())
+    }
+
+    /// Put a host-made tensor into the table, within the tensor budget and
+    /// the handle cap.
     pub(crate) fn push_tensor(&mut self, t: Tensor) -> Result<Resource<Tensor>, String> {
         let bytes = t.elem_count() * 4;
         let budget = self.shared.limits.max_tensor_bytes;
@@ -142,6 +159,7 @@ impl HostState {
                 crate::fmt_bytes(bytes)
             ));
         }
+        self.take_handle()?;
         self.tensor_bytes += bytes;
         self.table.push(t).map_err(|e| e.to_string())
     }
@@ -150,15 +168,19 @@ impl HostState {
     pub(crate) fn take_tensor(&mut self, r: Resource<Tensor>) -> wasmtime::Result<Tensor> {
         let t = self.table.delete(r)?;
         self.tensor_bytes = self.tensor_bytes.saturating_sub(t.elem_count() * 4);
+        self.handles = self.handles.saturating_sub(1);
         Ok(t)
     }
 
     pub(crate) fn push_image(&mut self, img: RgbImage) -> wasmtime::Result<Resource<RgbImage>> {
+        self.take_handle().map_err(wasmtime::Error::msg)?;
         Ok(self.table.push(img)?)
     }
 
     pub(crate) fn take_image(&mut self, r: Resource<RgbImage>) -> wasmtime::Result<RgbImage> {
-        Ok(self.table.delete(r)?)
+        let img = self.table.delete(r)?;
+        self.handles = self.handles.saturating_sub(1);
+        Ok(img)
     }
 
     fn tensor(&self, r: &Resource<Tensor>) -> wasmtime::Result<&Tensor> {
@@ -291,6 +313,15 @@ impl llm::Host for HostState {
             n: request.n,
             stop: request.stop,
         };
+        let limit = self.shared.limits.llm_wait;
+        if self.host_wait >= limit {
+            // A trap, not an error the guest could ignore and ask again.
+            wasmtime::bail!(
+                "llm wait limit of {} for one call exceeded ({} spent waiting on the endpoint)",
+                crate::fmt_secs(limit),
+                crate::fmt_secs(self.host_wait)
+            );
+        }
         let t0 = Instant::now();
         let out = backend.complete(&req);
         self.host_wait += t0.elapsed();

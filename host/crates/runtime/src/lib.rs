@@ -83,6 +83,10 @@ pub struct RuntimeConfig {
     /// Wall-clock deadline per plugin call (default 30 s); time spent
     /// waiting on the LLM endpoint does not count.
     pub call_timeout: Duration,
+    /// Time one plugin call may spend waiting on the LLM endpoint, all its
+    /// requests together (default 30 min): a plugin that keeps asking is
+    /// stopped (each request is bounded by the client's own timeout).
+    pub llm_wait_limit: Duration,
     /// Cap on data passed into a plugin per call (strings, lists) and on
     /// tensor/image data a plugin copies out (default 64 MiB).
     pub max_input_bytes: usize,
@@ -90,6 +94,10 @@ pub struct RuntimeConfig {
     pub max_output_bytes: usize,
     /// Cap on host tensor memory one instance may hold (default 4 GiB).
     pub max_tensor_bytes: usize,
+    /// Cap on the host tensors and images one instance holds at once
+    /// (default 65,536): empty tensors cost no bytes but each handle
+    /// costs host memory.
+    pub max_handles: usize,
     /// Compiled-component cache folder; `None`: [`default_cache_dir`].
     pub cache_dir: Option<PathBuf>,
     /// Run seed; each plugin's `random` stream is seeded from it and the
@@ -110,9 +118,11 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             memory_limit: 256 << 20,
             call_timeout: Duration::from_secs(30),
+            llm_wait_limit: Duration::from_secs(30 * 60),
             max_input_bytes: 64 << 20,
             max_output_bytes: 16 << 20,
             max_tensor_bytes: 4 << 30,
+            max_handles: 1 << 16,
             cache_dir: None,
             seed: 0,
             llm: None,
@@ -141,9 +151,11 @@ impl std::fmt::Debug for RuntimeConfig {
 pub(crate) struct Limits {
     pub(crate) memory: usize,
     pub(crate) timeout: Duration,
+    pub(crate) llm_wait: Duration,
     pub(crate) max_input_bytes: usize,
     pub(crate) max_output_bytes: usize,
     pub(crate) max_tensor_bytes: usize,
+    pub(crate) max_handles: usize,
 }
 
 /// Run-wide state every plugin store points to.
@@ -246,9 +258,11 @@ impl Runtime {
             limits: Limits {
                 memory: cfg.memory_limit,
                 timeout: cfg.call_timeout,
+                llm_wait: cfg.llm_wait_limit,
                 max_input_bytes: cfg.max_input_bytes,
                 max_output_bytes: cfg.max_output_bytes,
                 max_tensor_bytes: cfg.max_tensor_bytes,
+                max_handles: cfg.max_handles,
             },
             seed: cfg.seed,
             llm: cfg.llm,

@@ -179,7 +179,7 @@ fn tensor_import_copies_are_capped_and_bad_tensors_are_refused() {
     assert_eq!(d.to_vec2::<f32>().unwrap(), [[2.5, -0.5], [0.5, -2.5]]);
 
     let mode = |v: &str| m.params(&[("mode".into(), v.into())]).unwrap();
-    let (bad, wrong) = (mode("bad-shape"), mode("wrong-shape"));
+    let (bad, wrong, handles) = (mode("bad-shape"), mode("wrong-shape"), mode("handles"));
     let err = m
         .merge_layer("l", &experts, None, &bad)
         .unwrap_err()
@@ -198,6 +198,22 @@ fn tensor_import_copies_are_capped_and_bad_tensors_are_refused() {
         "{err}"
     );
     // The instance trapped on bad-shape and was replaced: it still works.
+    assert!(m.merge_layer("l", &experts, None, &copy).is_ok());
+
+    // Empty tensors without end: no bytes, but the handle cap stops them
+    // (before it, they ran until the deadline, each handle host memory).
+    let t0 = Instant::now();
+    let err = m
+        .merge_layer("l", &experts, None, &handles)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("plugin \"hostile-tensor\"")
+            && err.contains("host handle limit of 65536 live tensors and images exceeded"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    // The instance and its handles are gone: the next call works.
     assert!(m.merge_layer("l", &experts, None, &copy).is_ok());
 
     // Copies out of the host are capped by max_input_bytes (a 64x64 f32
@@ -370,6 +386,54 @@ fn imports_log_random_and_llm_follow_seed_and_grants() {
         "{:?}",
         seen[0]
     );
+}
+
+/// A plugin that keeps asking the LLM: the waits are excluded from the
+/// deadline but not unbounded; their sum per call has its own limit, a
+/// trap the guest cannot ignore, naming the plugin. The next call works.
+#[test]
+fn a_plugin_that_keeps_asking_the_llm_is_stopped() {
+    let wasm = test_plugin("hostile-probe");
+    let cache = tempfile::tempdir().unwrap();
+    let llm = Arc::new(FakeLlm {
+        seen: Mutex::new(Vec::new()),
+        delay: Duration::from_millis(20),
+    });
+    let rt = Runtime::new(RuntimeConfig {
+        llm: Some(llm.clone()),
+        llm_grants: vec!["hostile-probe".into()],
+        call_timeout: Duration::from_secs(5),
+        llm_wait_limit: Duration::from_millis(400),
+        cache_dir: Some(cache.path().to_path_buf()),
+        log_to_stderr: false,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let skill = selma_runtime::SkillInfo {
+        id: "s".into(),
+        description: "s".into(),
+        seeds: strings(&["a", "b", "c"]),
+        rules: selma_runtime::Rules {
+            max_words: 30,
+            constraints: vec![],
+            instruction: "write".into(),
+        },
+        templates: None,
+    };
+    let mut g = rt.generator(wasm.to_str().unwrap()).unwrap();
+    let p = g.params(&[("llm-loop".into(), "true".into())]).unwrap();
+    let t0 = Instant::now();
+    let err = g.generate(&skill, &[], 1, 0, &p).unwrap_err().to_string();
+    assert!(
+        err.contains("plugin \"hostile-probe\"") && err.contains("llm wait limit of 0.4s"),
+        "{err}"
+    );
+    let asked = llm.seen.lock().unwrap().len();
+    assert!((10..=21).contains(&asked), "{asked} requests");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // The limit is per call: the next call asks again and works.
+    let p = g.default_params();
+    assert_eq!(g.generate(&skill, &[], 1, 0, &p).unwrap().len(), 2);
 }
 
 /// A flood of host calls in one call (150,000 log lines and random

@@ -6,7 +6,8 @@
 //! calls in one call). `recurse = true` recurses without end (each frame
 //! holds a 1 KiB array, as real code does), overrunning the stack.
 //! `escape = true` tries the WASI file system, environment, sockets and
-//! name lookup, and returns what each attempt got.
+//! name lookup, and returns what each attempt got. `llm-loop = true` asks
+//! the `llm` import again and again without end, ignoring its errors.
 
 use selma_plugin_sdk::{
     llm, params, random, text, GenerateRequest, Metadata, Plugin, PluginKind, PromptGenerator,
@@ -27,6 +28,7 @@ impl Plugin for Probe {
                 params::integer("flood", 0, "log lines and random draws made first"),
                 params::boolean("recurse", false, "recurse without end"),
                 params::boolean("escape", false, "try files, environment and network"),
+                params::boolean("llm-loop", false, "ask the llm without end"),
             ],
         }
     }
@@ -90,6 +92,11 @@ impl PromptGenerator for Probe {
     fn generate(req: GenerateRequest) -> Result<Vec<String>, String> {
         if req.params.bool("escape")? {
             return Ok(escape());
+        }
+        if req.params.bool("llm-loop")? {
+            loop {
+                let _ = llm::complete(&llm::request("Again?".to_string()));
+            }
         }
         if req.params.bool("recurse")? {
             return Ok(vec![deeper(0).to_string()]);

@@ -4,7 +4,9 @@
 //!   `to-list`, compute sum_i w_i s_i up_i @ down_i there and return it as a
 //!   new host tensor (checks to-list, the constructor and the maths);
 //! - "bad-shape": construct a tensor whose data does not fit its shape;
-//! - "wrong-shape": return a 1x1 delta whatever the layer's shape.
+//! - "wrong-shape": return a 1x1 delta whatever the layer's shape;
+//! - "handles": create empty tensors without end, keeping every handle
+//!   (no bytes, so only a cap on handles stops it).
 
 use selma_plugin_sdk::{
     params, tensor, ExpertLayer, MergeStrategy, MergedLayer, Metadata, Params, Plugin, PluginKind,
@@ -24,7 +26,7 @@ impl Plugin for Probe {
             params: vec![params::text(
                 "mode",
                 "copy",
-                "copy, bad-shape or wrong-shape",
+                "copy, bad-shape, wrong-shape or handles",
             )],
         }
     }
@@ -45,6 +47,12 @@ impl MergeStrategy for Probe {
         match params.str("mode")? {
             "bad-shape" => Ok(MergedLayer::Delta(Tensor::new(&[2, 2], &[1.0]))),
             "wrong-shape" => Ok(MergedLayer::Delta(Tensor::new(&[1, 1], &[1.0]))),
+            "handles" => {
+                let mut kept = Vec::new();
+                loop {
+                    kept.push(Tensor::new(&[0], &[]));
+                }
+            }
             _ => {
                 let mut acc: Vec<f32> = Vec::new();
                 let (mut rows, mut cols) = (0, 0);
